@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make demo` (offline pipeline) and `make test`.
+VENV ?= .venv
+PYTHON ?= python3
+STAMP := $(VENV)/.installed-stamp
+# DVC runs each stage's `python ...` through the shell: put the venv first on PATH.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: install data demo test lint
+
+$(STAMP): pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q -c requirements.lock -e ".[dev]"
+	touch $@
+
+install: $(STAMP)
+
+# git keeps no empty folder: make data/ (the user's own images, tracked by data.dvc) and put
+# its (empty) listing in the DVC cache, which `dvc exp run --temp` checks out from.
+data: install
+	mkdir -p data
+	dvc commit -f -q data.dvc
+
+demo: data
+	cxr demo
+
+test: data
+	pytest
+
+lint: install
+	ruff check .
+	ruff format --check .

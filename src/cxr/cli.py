@@ -1,0 +1,58 @@
+"""The `cxr` command. Light on imports: TensorFlow loads only in the stages that need it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from cxr.errors import CxrError
+from cxr.params import load_params
+
+
+def demo_command(params_path: Path = Path("params.yaml")) -> list[str]:
+    """`dvc exp run --temp -S key=value ...` with params.yaml's `demo:` overrides."""
+    overrides = load_params(params_path)["demo"]
+    command = ["dvc", "exp", "run", "--temp"]
+    for key, value in overrides.items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        command += ["-S", f"{key}={text}"]
+    return command
+
+
+def demo(args: argparse.Namespace) -> int:
+    command = demo_command() + list(args.dvc_args)
+    print("+", shlex.join(command), flush=True)
+    if args.dry_run:
+        return 0
+    code = subprocess.call(command)
+    if code == 0:
+        print(
+            "\nDone. params.yaml is unchanged; the results live in a DVC experiment:\n"
+            "  dvc exp show                 # params and metrics of every experiment\n"
+            "  dvc exp apply <name>         # bring an experiment's outputs into the workspace\n"
+            "  mlflow ui                    # runs, curves and models (open 'Model training')\n"
+        )
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cxr", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="run the whole pipeline offline on synthetic phantoms")
+    p.add_argument("--dry-run", action="store_true", help="print the dvc command only")
+    p.add_argument("dvc_args", nargs=argparse.REMAINDER, help="extra `dvc exp run` arguments")
+    p.set_defaults(func=demo)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except CxrError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""The params schema: one place that says which keys params.yaml has and what they mean.
+
+Stages read their own section through `load_params`, which rejects unknown or missing keys
+with a message naming them, so a typo in params.yaml fails before any work is done.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cxr.classes import check_labels
+from cxr.errors import CxrError
+
+SOURCES = ("kaggle", "archive", "synthetic")
+
+# Required keys of each section, with the type they must have (nested dicts are checked too).
+SCHEMA: dict[str, Any] = {
+    "data": {
+        "source": str,
+        "kaggle_dataset": str,
+        "archive": (str, type(None)),
+        "synthetic": {"per_class": int, "image_size": int, "seed": int},
+        "classes": list,
+    },
+    "prepare": {"image_size": int, "val_fraction": float, "test_fraction": float, "seed": int},
+    "train": {
+        "models": list,
+        "seed": int,
+        "batch_size": int,
+        "epochs": int,
+        "early_stopping_patience": int,
+    },
+    "models": dict,
+    "mlflow": {"experiment": str},
+    "demo": dict,
+}
+
+
+class ParamsError(CxrError):
+    pass
+
+
+def _check(value: Any, schema: Any, where: str) -> None:
+    if isinstance(schema, dict):
+        if not isinstance(value, dict):
+            raise ParamsError(f"params.yaml: '{where}' must be a mapping, got {value!r}.")
+        missing = sorted(set(schema) - set(value))
+        unknown = sorted(set(value) - set(schema))
+        if missing or unknown:
+            raise ParamsError(
+                f"params.yaml: section '{where}' "
+                + (f"is missing {missing}" if missing else "")
+                + (" and " if missing and unknown else "")
+                + (f"has unknown key(s) {unknown}" if unknown else "")
+                + f"; expected keys: {sorted(schema)}."
+            )
+        for key, sub in schema.items():
+            _check(value[key], sub, f"{where}.{key}" if where else key)
+    elif schema is float:
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ParamsError(f"params.yaml: '{where}' must be a number, got {value!r}.")
+    elif not isinstance(value, schema) or (schema is int and isinstance(value, bool)):
+        raise ParamsError(
+            f"params.yaml: '{where}' must be of type {getattr(schema, '__name__', schema)}, "
+            f"got {value!r}."
+        )
+
+
+def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """Read and validate params.yaml; return it as a plain dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path} not found; run from the repository root.")
+    params = yaml.safe_load(path.read_text()) or {}
+    _check(params, SCHEMA, "")
+    data = params["data"]
+    if data["source"] not in SOURCES:
+        raise ParamsError(
+            f"params.yaml: data.source is {data['source']!r}; expected one of {list(SOURCES)}."
+        )
+    if data["source"] == "archive" and not data["archive"]:
+        raise ParamsError("params.yaml: data.source is 'archive' but data.archive is empty; "
+                          "set it to a zip file or folder in the Kaggle layout.")
+    data["classes"] = check_labels(data["classes"])
+    prep = params["prepare"]
+    if not (0 < prep["val_fraction"] < 1 and 0 < prep["test_fraction"] < 1
+            and prep["val_fraction"] + prep["test_fraction"] < 1):
+        raise ParamsError("params.yaml: prepare.val_fraction and prepare.test_fraction must be "
+                          "in (0, 1) and sum to less than 1.")
+    for model in params["train"]["models"]:
+        if model not in params["models"]:
+            raise ParamsError(
+                f"params.yaml: train.models lists {model!r} but models.{model} has no settings; "
+                f"add a 'models.{model}' section (known: {sorted(params['models'])})."
+            )
+    return params
+
+
+def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}: the key form DVC's `-S` and MLflow params use."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat

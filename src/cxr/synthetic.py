@@ -1,0 +1,140 @@
+"""Phantom chest radiographs: an offline stand-in for the Kaggle database.
+
+Every image shares one anatomy (body, lungs, ribs, mediastinum, vessel markings) drawn with
+random pose, size and exposure. Classes differ only in *local* findings inside the lungs, as
+in real films:
+
+- normal: clear lungs;
+- covid: several faint, soft ground-glass patches, both lungs, towards the periphery;
+- lung_opacity: one or two dense, sharp-edged consolidations in one lung;
+- pneumonia: a fine reticular (net-like) pattern spread around both hila.
+
+Each image is then standardised to the same mean and spread, so global brightness says
+nothing about the class: a linear model on raw pixels stays far from perfect while a small
+CNN, which sees texture and shape, learns the classes (see tests/test_synthetic.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from cxr.classes import DATASET_DIR, LABEL_TO_FOLDER, LABELS
+
+TARGET_MEAN, TARGET_STD = 0.45, 0.2
+
+
+def _rng(seed: int, label: str, index: int) -> np.random.Generator:
+    # One stream per image: an image does not change when the count of others does.
+    digest = hashlib.sha256(f"{seed}/{label}/{index}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, sigma: float) -> np.ndarray:
+    field = ndimage.gaussian_filter(rng.standard_normal((size, size)), sigma)
+    return field / (field.std() + 1e-8)
+
+
+def _ellipse(x, y, cx, cy, rx, ry, softness=0.06):
+    r = np.sqrt(((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2)
+    return np.clip((1 - r) / softness, 0, 1)
+
+
+def _anatomy(rng: np.random.Generator, size: int):
+    """Return (image, lung mask, coordinate grids) of one normal chest."""
+    angle = np.deg2rad(rng.uniform(-6, 6))
+    scale = rng.uniform(0.9, 1.08)
+    dx, dy = rng.uniform(-0.06, 0.06, 2)
+    u = np.linspace(-1, 1, size)
+    yy, xx = np.meshgrid(u, u, indexing="ij")
+    x = (np.cos(angle) * xx - np.sin(angle) * yy - dx) / scale
+    y = (np.sin(angle) * xx + np.cos(angle) * yy - dy) / scale
+
+    body = _ellipse(x, y, 0, 0.15, 0.98, 1.2, 0.15)
+    img = 0.05 + (0.45 + 0.1 * y) * body
+    lung_w, lung_h = rng.uniform(0.27, 0.33), rng.uniform(0.58, 0.68)
+    lungs = np.maximum(
+        _ellipse(x, y, -0.4, 0.0, lung_w, lung_h, 0.3),
+        _ellipse(x, y, 0.4, 0.0, lung_w, lung_h, 0.3),
+    )
+    img -= rng.uniform(0.2, 0.4) * lungs  # inspiration depth and habitus vary a lot
+    img += 0.2 * np.exp(-((x / 0.12) ** 2)) * body  # spine and mediastinum
+    heart = _ellipse(x, y, 0.15 + rng.uniform(-0.04, 0.04), 0.35, 0.3, 0.25, 0.5)
+    img += rng.uniform(0.08, 0.22) * heart
+
+    spacing, phase = rng.uniform(0.16, 0.2), rng.uniform(0, 1)
+    rib_wave = np.cos(2 * np.pi * ((y - 0.35 * x**2) / spacing + phase))
+    img += 0.06 * np.clip(rib_wave * 3 - 2, 0, 1) * lungs
+
+    # Vessel markings: thin branching-like streaks radiating from the hila, faint everywhere.
+    theta = np.arctan2(y - 0.05, np.abs(x) - 0.15)
+    radial = np.sqrt((np.abs(x) - 0.15) ** 2 + (y - 0.05) ** 2)
+    streaks = np.cos(theta * rng.uniform(20, 28) + 3 * _smooth_noise(rng, size, size / 40))
+    img += 0.03 * np.clip(streaks, 0, 1) * np.exp(-radial / 0.35) * lungs
+    return img, lungs, x, y
+
+
+def _blob(rng, x, y, cx, cy, radius, sigma_px, size):
+    """A soft-edged irregular blob centred at (cx, cy)."""
+    wobble = 0.35 * _smooth_noise(rng, size, sigma_px)
+    r = np.sqrt((x - cx) ** 2 + (y - cy) ** 2) / radius
+    return np.clip(1 - r + wobble * 0.5, 0, 1)
+
+
+def _lesions(label: str, rng, x, y, lungs, size):
+    if label == "normal":
+        return np.zeros_like(x)
+    if label == "covid":
+        out = np.zeros_like(x)
+        for side in (-1, 1):
+            for _ in range(rng.integers(2, 4)):
+                cx = side * rng.uniform(0.45, 0.62)
+                cy = rng.uniform(-0.1, 0.45)
+                out += 0.22 * _blob(rng, x, y, cx, cy, rng.uniform(0.14, 0.24), size / 25, size) ** 2
+        return ndimage.gaussian_filter(out, size / 60) * lungs
+    if label == "lung_opacity":
+        out = np.zeros_like(x)
+        side = rng.choice([-1, 1])
+        for _ in range(rng.integers(1, 3)):
+            cx, cy = side * rng.uniform(0.3, 0.55), rng.uniform(-0.4, 0.4)
+            mask = _blob(rng, x, y, cx, cy, rng.uniform(0.12, 0.22), size / 30, size) > 0.35
+            out += 0.28 * ndimage.gaussian_filter(mask.astype(float), size / 150)
+        return np.minimum(out, 0.35) * lungs
+    if label == "pneumonia":
+        fine = _smooth_noise(rng, size, size / 100)
+        reticular = (np.abs(fine) < 0.3).astype(float)
+        hila = np.exp(-(((np.abs(x) - 0.25) / 0.4) ** 2 + ((y - 0.05) / 0.55) ** 2))
+        return 0.2 * ndimage.gaussian_filter(reticular, size / 250) * hila * lungs
+    raise ValueError(f"no phantom finding for label {label!r}")
+
+
+def phantom(label: str, index: int, size: int = 299, seed: int = 0) -> np.ndarray:
+    """One deterministic phantom radiograph of class `label`, as uint8 (size, size)."""
+    rng = _rng(seed, label, index)
+    img, lungs, x, y = _anatomy(rng, size)
+    img += _lesions(label, rng, x, y, lungs, size)
+    img += 0.025 * rng.standard_normal(img.shape)  # quantum noise
+    img = np.clip(img, 0, None) ** rng.uniform(0.8, 1.25)  # exposure / film response
+    img = (img - img.mean()) / (img.std() + 1e-8) * TARGET_STD + TARGET_MEAN
+    return np.clip(img * 255, 0, 255).astype(np.uint8)
+
+
+def write_dataset(
+    root: Path, per_class: int, size: int = 299, seed: int = 0, labels=LABELS, progress=None
+) -> dict[str, int]:
+    """Write phantoms in the Kaggle layout under `root`; return files written per folder."""
+    counts = {}
+    for label in labels:
+        folder = LABEL_TO_FOLDER[label]
+        images = root / DATASET_DIR / folder / "images"
+        images.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(phantom(label, i, size, seed)).save(images / f"{folder}-{i + 1}.png")
+            if progress is not None:
+                progress.update(1)
+        counts[folder] = per_class
+    return counts

@@ -1,0 +1,16 @@
+"""download: fetch the raw images (data.source) into raw/, in the Kaggle layout."""
+
+from pathlib import Path
+
+from cxr.download import download
+from cxr.errors import run_stage
+from cxr.params import load_params
+
+
+def main() -> None:
+    info = download(load_params()["data"], Path("raw"), Path("reports/download.json"))
+    print(f"download: {info['source']}: {info['files']}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

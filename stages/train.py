@@ -1,0 +1,25 @@
+"""train@<model>: fit one architecture; model and run record in models/<model>/."""
+
+import argparse
+import os
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out
+
+from cxr.errors import run_stage  # noqa: E402
+from cxr.params import load_params  # noqa: E402
+from cxr.train import train  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("model", help="architecture key, one of params.yaml's train.models")
+    name = parser.parse_args().model
+    metrics = train(
+        name, load_params(), Path("prepared"), Path("models") / name, Path("reports") / name
+    )
+    print(f"train@{name}: {metrics}")
+
+
+if __name__ == "__main__":
+    run_stage(main)
