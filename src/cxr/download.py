@@ -5,10 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from cxr import synthetic
-from cxr.classes import LABELS
 from cxr.errors import CxrError
 from cxr.io import atomic_path, write_json
 
@@ -22,12 +19,8 @@ def download(data: dict[str, Any], out_dir: Path, info_path: Path) -> dict[str, 
             "use data.source: synthetic (the offline demo does)."
         )
     cfg = data["synthetic"]
-    with atomic_path(out_dir) as tmp, tqdm(
-        total=cfg["per_class"] * len(LABELS), desc="phantoms", unit="img"
-    ) as bar:
-        counts = synthetic.write_dataset(
-            tmp, cfg["per_class"], cfg["image_size"], cfg["seed"], progress=bar
-        )
+    with atomic_path(out_dir) as tmp:
+        counts = synthetic.write_dataset(tmp, cfg["per_class"], cfg["image_size"], cfg["seed"])
     info = {"source": source, "synthetic": cfg, "files": counts}
     write_json(info_path, info)
     return info

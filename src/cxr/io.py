@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,3 +39,10 @@ def write_json(path: str | Path, data) -> None:
 
 def read_json(path: str | Path):
     return json.loads(Path(path).read_text())
+
+
+def progress(iterable=None, **kwargs):
+    """A tqdm progress bar; updated every 10 s when output goes to a log, not a terminal."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, mininterval=0.2 if sys.stderr.isatty() else 10, **kwargs)

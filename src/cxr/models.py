@@ -12,7 +12,6 @@ from collections.abc import Callable
 import keras
 from keras import layers
 
-
 POOLINGS = {
     "max": layers.GlobalMaxPooling2D,
     "avg": layers.GlobalAveragePooling2D,
@@ -50,7 +49,9 @@ def build_cnn(
     inputs = keras.Input(input_shape, name="image")
     x = layers.Rescaling(1 / 127.5, offset=-1.0)(inputs)
     for f in filters:
-        x = layers.Conv2D(f, 3, padding="same", activation="relu", kernel_initializer="he_normal")(x)
+        x = layers.Conv2D(f, 3, padding="same", activation="relu", kernel_initializer="he_normal")(
+            x
+        )
         x = layers.MaxPooling2D()(x)
     x = _pool(x, pooling)
     return keras.Model(inputs, _head(x, n_classes, dense_units, dropout), name="cnn")

@@ -82,14 +82,21 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
             f"params.yaml: data.source is {data['source']!r}; expected one of {list(SOURCES)}."
         )
     if data["source"] == "archive" and not data["archive"]:
-        raise ParamsError("params.yaml: data.source is 'archive' but data.archive is empty; "
-                          "set it to a zip file or folder in the Kaggle layout.")
+        raise ParamsError(
+            "params.yaml: data.source is 'archive' but data.archive is empty; "
+            "set it to a zip file or folder in the Kaggle layout."
+        )
     data["classes"] = check_labels(data["classes"])
     prep = params["prepare"]
-    if not (0 < prep["val_fraction"] < 1 and 0 < prep["test_fraction"] < 1
-            and prep["val_fraction"] + prep["test_fraction"] < 1):
-        raise ParamsError("params.yaml: prepare.val_fraction and prepare.test_fraction must be "
-                          "in (0, 1) and sum to less than 1.")
+    if not (
+        0 < prep["val_fraction"] < 1
+        and 0 < prep["test_fraction"] < 1
+        and prep["val_fraction"] + prep["test_fraction"] < 1
+    ):
+        raise ParamsError(
+            "params.yaml: prepare.val_fraction and prepare.test_fraction must be "
+            "in (0, 1) and sum to less than 1."
+        )
     for model in params["train"]["models"]:
         if model not in params["models"]:
             raise ParamsError(

@@ -18,12 +18,11 @@ from typing import Any
 
 import numpy as np
 from sklearn.model_selection import train_test_split
-from tqdm import tqdm
 
 from cxr.classes import DATASET_DIR, FOLDER_TO_LABEL, LABEL_TO_FOLDER
 from cxr.errors import CxrError
 from cxr.images import IMAGE_SUFFIXES, load_grey
-from cxr.io import atomic_path, read_json, write_json
+from cxr.io import atomic_path, progress, read_json, write_json
 
 SPLITS = ("train", "val", "test")
 
@@ -55,14 +54,14 @@ def index_images(raw: Path, extra: list[Path], classes: list[str]) -> list[Item]
     items: list[Item] = []
     base = _class_root(raw)
     found = sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+    present = [FOLDER_TO_LABEL[f] for f in found if f in FOLDER_TO_LABEL]
     for label in classes:
         folder = base / LABEL_TO_FOLDER[label]
         if not folder.is_dir():
             raise DataError(
                 f"Class folder '{LABEL_TO_FOLDER[label]}' (label '{label}') not found under "
                 f"{base}; found: {', '.join(found) or 'nothing'}. Set data.classes to the "
-                f"classes present (e.g. {[FOLDER_TO_LABEL[f] for f in found if f in FOLDER_TO_LABEL]})"
-                " to train on a subset."
+                f"classes present (here: {present}) to train on a subset."
             )
         items += [Item(p, label) for p in _images_in(folder)]
     for root in extra:
@@ -113,11 +112,16 @@ def prepare(
         cache = np.lib.format.open_memmap(
             tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(len(items), size, size)
         )
-        for i, item in enumerate(tqdm(items, desc="decode", unit="img")):
+        for i, item in enumerate(progress(items, desc="decode", unit="img")):
             cache[i] = load_grey(item.path, size)
             rows.append(
-                {"index": i, "label": item.label, "split": splits[i],
-                 "sha256": _sha256(item.path), "path": item.path.as_posix()}
+                {
+                    "index": i,
+                    "label": item.label,
+                    "split": splits[i],
+                    "sha256": _sha256(item.path),
+                    "path": item.path.as_posix(),
+                }
             )
         cache.flush()
         del cache
@@ -130,8 +134,10 @@ def prepare(
             + f"size={size}".encode()
         ).hexdigest()
         counts = {
-            split: {label: sum(1 for r in rows if r["split"] == split and r["label"] == label)
-                    for label in classes}
+            split: {
+                label: sum(1 for r in rows if r["split"] == split and r["label"] == label)
+                for label in classes
+            }
             for split in SPLITS
         }
         summary = {

@@ -17,6 +17,8 @@ CNN, which sees texture and shape, learns the classes (see tests/test_synthetic.
 from __future__ import annotations
 
 import hashlib
+import os
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ from PIL import Image
 from scipy import ndimage
 
 from cxr.classes import DATASET_DIR, LABEL_TO_FOLDER, LABELS
+from cxr.io import progress
 
 TARGET_MEAN, TARGET_STD = 0.45, 0.2
 
@@ -94,7 +97,8 @@ def _lesions(label: str, rng, x, y, lungs, size):
             for _ in range(rng.integers(2, 4)):
                 cx = side * rng.uniform(0.45, 0.62)
                 cy = rng.uniform(-0.1, 0.45)
-                out += 0.22 * _blob(rng, x, y, cx, cy, rng.uniform(0.14, 0.24), size / 25, size) ** 2
+                radius = rng.uniform(0.14, 0.24)
+                out += 0.22 * _blob(rng, x, y, cx, cy, radius, size / 25, size) ** 2
         return ndimage.gaussian_filter(out, size / 60) * lungs
     if label == "lung_opacity":
         out = np.zeros_like(x)
@@ -123,18 +127,24 @@ def phantom(label: str, index: int, size: int = 299, seed: int = 0) -> np.ndarra
     return np.clip(img * 255, 0, 255).astype(np.uint8)
 
 
+def _write_one(job: tuple[Path, str, int, int, int]) -> None:
+    path, label, index, size, seed = job
+    Image.fromarray(phantom(label, index, size, seed)).save(path)
+
+
 def write_dataset(
-    root: Path, per_class: int, size: int = 299, seed: int = 0, labels=LABELS, progress=None
+    root: Path, per_class: int, size: int = 299, seed: int = 0, labels=LABELS
 ) -> dict[str, int]:
-    """Write phantoms in the Kaggle layout under `root`; return files written per folder."""
-    counts = {}
+    """Write phantoms in the Kaggle layout under `root`, on all cores; return files per folder."""
+    jobs = []
     for label in labels:
         folder = LABEL_TO_FOLDER[label]
         images = root / DATASET_DIR / folder / "images"
         images.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            Image.fromarray(phantom(label, i, size, seed)).save(images / f"{folder}-{i + 1}.png")
-            if progress is not None:
-                progress.update(1)
-        counts[folder] = per_class
-    return counts
+        jobs += [(images / f"{folder}-{i + 1}.png", label, i, size, seed) for i in range(per_class)]
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        for _ in progress(
+            pool.map(_write_one, jobs, chunksize=16), total=len(jobs), desc="phantoms", unit="img"
+        ):
+            pass
+    return {LABEL_TO_FOLDER[label]: per_class for label in labels}

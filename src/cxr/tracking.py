@@ -11,8 +11,11 @@
 - Parent: `mlflow run` exports `MLFLOW_RUN_ID`, which would make `mlflow.start_run()` resume
   that one run in every stage. We take it as the parent of the pipeline's runs instead.
 - Run-cache: DVC may restore a stage's outputs from its run-cache without running it; then no
-  MLflow code runs. The run record (`mlflow_run.json`, a stage output) names the run that
-  produced the outputs; `find_recorded_run` says whether that run is in the current store.
+  MLflow code would run. Stages that log to MLflow therefore write their run record
+  (`mlflow_run.json`) as an output with `cache: false`, which turns the run-cache off for
+  that stage (DVC skips it for stages with uncached outputs): whenever DVC's results of such
+  a stage change, the stage really ran and logged its run. `find_recorded_run` tells whether
+  a record's run is in the current store (a clone may point at another one).
 """
 
 from __future__ import annotations
@@ -95,7 +98,7 @@ def setup_experiment(name: str) -> str:
         if not uri.startswith(("http://", "https://", "databricks")):
             # A database store with no server: keep artefacts beside it, not under the
             # current folder (a DVC temp copy in .dvc/tmp for `dvc exp run --temp`).
-            artifact_location = (repo_root() / "mlartifacts").as_uri()
+            artifact_location = (repo_root() / "mlartifacts" / name).as_uri()
         try:
             experiment_id = client.create_experiment(name, artifact_location=artifact_location)
         except Exception:  # another stage made it first (parallel `dvc queue` workers)

@@ -20,9 +20,7 @@ LOCK_FILE = Path("requirements.lock")  # stages run in the repository root
 MODEL_REQUIREMENTS = ("mlflow", "keras", "tensorflow", "numpy")
 
 
-def split_arrays(
-    prepared: Path, split: str
-) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+def split_arrays(prepared: Path, split: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """(images (n, H, W, 1) uint8, labels (n,) int32, dataset summary) of one split."""
     images, rows, summary = load_prepared(prepared)
     index = {label: i for i, label in enumerate(summary["classes"])}
@@ -114,7 +112,8 @@ def log_keras_model(model, example: np.ndarray) -> None:
 def train(
     name: str, params: dict[str, Any], prepared: Path, out_dir: Path, report_dir: Path
 ) -> dict[str, Any]:
-    """Train architecture `name`; write the model, run record, curves, history and metrics."""
+    """Train architecture `name`: model and curves in `out_dir`; history, metrics and the
+    MLflow run record in `report_dir`."""
     import keras
     import mlflow
     import tensorflow as tf
@@ -177,8 +176,9 @@ def train(
             "train_seconds": round(seconds, 2),
             "train_images_per_second": round(len(x_train) * len(history["loss"]) / seconds, 1),
         }
-        mlflow.log_metrics({f"best_{k}" if k.startswith("val_") else k: v
-                            for k, v in metrics.items()})
+        mlflow.log_metrics(
+            {f"best_{k}" if k.startswith("val_") else k: v for k, v in metrics.items()}
+        )
 
         out_dir.mkdir(parents=True, exist_ok=True)
         report_dir.mkdir(parents=True, exist_ok=True)
@@ -190,6 +190,6 @@ def train(
         log_keras_model(model, x_val[:1])
         with atomic_path(out_dir / "model.keras") as tmp:
             model.save(tmp)
-        tracking.write_run_record(out_dir / "mlflow_run.json", run)
+        tracking.write_run_record(report_dir / "mlflow_run.json", run)
     write_json(report_dir / "train.json", metrics)
     return metrics

@@ -1,0 +1,155 @@
+"""Shared fixtures: a throw-away copy of the repository, a real `mlflow server`, tiny data."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's bin: dvc, mlflow, cxr
+REAL_SAMPLE = ROOT.parent / "shared" / "data" / "cxr-real-sample"
+
+# Tiny settings for end-to-end runs: the demo's overrides, smaller.
+TINY = {
+    "data.source": "synthetic",
+    "data.synthetic.per_class": 30,
+    "prepare.image_size": 32,
+    "train.epochs": 3,
+    "train.batch_size": 16,
+}
+# Commits made by tests (and by `dvc exp run`) need an identity on a bare CI machine.
+GIT_IDENTITY = {
+    "GIT_AUTHOR_NAME": "cxr tests",
+    "GIT_AUTHOR_EMAIL": "tests@localhost",
+    "GIT_COMMITTER_NAME": "cxr tests",
+    "GIT_COMMITTER_EMAIL": "tests@localhost",
+}
+
+
+def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True, timeout=900):
+    """Run a command as a user would; on failure show its output in the test report."""
+    full_env = {**os.environ, **GIT_IDENTITY, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    full_env.update(env or {})
+    proc = subprocess.run(
+        cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-5000:]}"
+            f"\n--- stderr\n{proc.stderr[-5000:]}"
+        )
+    return proc
+
+
+def copy_repo(dest: Path) -> Path:
+    """A fresh git repository holding what a clone of this working tree would hold."""
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
+    for name in filter(None, files):
+        src = ROOT / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    run(["git", "init", "-q", "-b", "main"], dest)
+    run(["git", "add", "-A"], dest)
+    run(["git", "commit", "-qm", "copy"], dest)
+    # What the README's set-up does on a fresh clone (see the Makefile's `data` target).
+    (dest / "data").mkdir(exist_ok=True)
+    run(["dvc", "commit", "-f", "-q", "data.dvc"], dest)
+    return dest
+
+
+def set_params(repo: Path, overrides: dict) -> None:
+    import yaml
+
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for key, value in overrides.items():
+        *parents, last = key.split(".")
+        node = params
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1, in its own process group, stopped with it."""
+    where = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    log = open(where / "server.log", "w")  # noqa: SIM115 (open for the server's lifetime)
+    proc = subprocess.Popen(
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{where / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(where / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(
+                    f"mlflow server did not start:\n{(where / 'server.log').read_text()}"
+                )
+            time.sleep(0.5)
+        yield uri
+    finally:
+        # The server starts helper processes (job consumers) that outlive a killed parent:
+        # stop the whole group.
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def synthetic_raw(tmp_path_factory) -> Path:
+    """Phantoms in the Kaggle layout, 12 per class at 64 px."""
+    from cxr.synthetic import write_dataset
+
+    root = tmp_path_factory.mktemp("raw")
+    write_dataset(root, per_class=12, size=64)
+    return root

@@ -1,0 +1,69 @@
+import pytest
+import yaml
+
+from cxr.classes import FOLDER_TO_LABEL, LABEL_TO_FOLDER, LABELS, check_labels
+from cxr.cli import demo_command
+from cxr.errors import CxrError
+from cxr.params import ParamsError, flatten, load_params
+from tests.conftest import ROOT
+
+
+def test_classes_table_is_one_to_one():
+    assert len(set(FOLDER_TO_LABEL)) == len(set(LABELS)) == 4
+    assert all(FOLDER_TO_LABEL[LABEL_TO_FOLDER[label]] == label for label in LABELS)
+    assert "Viral Pneumonia" in FOLDER_TO_LABEL  # the Kaggle folder name has a space
+
+
+def test_check_labels_orders_and_rejects():
+    assert check_labels(["normal", "covid"]) == ["covid", "normal"]
+    with pytest.raises(CxrError, match="'tb'"):
+        check_labels(["covid", "tb"])
+
+
+def test_real_params_describe_the_kaggle_run():
+    params = load_params(ROOT / "params.yaml")
+    assert params["data"]["source"] == "kaggle"
+    assert params["prepare"]["image_size"] == 224
+    assert params["data"]["classes"] == list(LABELS)
+
+
+def _write(tmp_path, mutate):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    mutate(params)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_unknown_key_is_named(tmp_path):
+    path = _write(tmp_path, lambda p: p["train"].update(epocs=3))
+    with pytest.raises(ParamsError, match=r"train.*unknown key\(s\) \['epocs'\]"):
+        load_params(path)
+
+
+def test_wrong_type_and_source_are_named(tmp_path):
+    path = _write(tmp_path, lambda p: p["train"].update(epochs="ten"))
+    with pytest.raises(ParamsError, match="train.epochs"):
+        load_params(path)
+    path = _write(tmp_path, lambda p: p["data"].update(source="s3"))
+    with pytest.raises(ParamsError, match="data.source is 's3'"):
+        load_params(path)
+
+
+def test_model_without_settings_is_named(tmp_path):
+    path = _write(tmp_path, lambda p: p["train"].update(models=["cnn", "vgg16"]))
+    with pytest.raises(ParamsError, match="models.vgg16"):
+        load_params(path)
+
+
+def test_demo_command_passes_each_override():
+    command = demo_command(ROOT / "params.yaml")
+    assert command[:4] == ["dvc", "exp", "run", "--temp"]
+    demo = load_params(ROOT / "params.yaml")["demo"]
+    assert demo["data.source"] == "synthetic"
+    pairs = [command[i + 1] for i in range(4, len(command), 2)]
+    assert "data.source=synthetic" in pairs and len(pairs) == len(demo)
+
+
+def test_flatten():
+    assert flatten({"a": {"b": 1, "c": {"d": [2]}}, "e": 3}) == {"a.b": 1, "a.c.d": [2], "e": 3}

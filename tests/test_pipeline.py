@@ -1,0 +1,148 @@
+"""End-to-end: the real pipeline through DVC, tracked in MLflow, as a user runs it.
+
+Two tiny pipeline executions are shared by all tests here:
+- `demo`: `cxr demo` (dvc exp run --temp) with the default store (sqlite at the repo root);
+- `repro`: `dvc repro` in the workspace against a real `mlflow server`.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from tests.conftest import TINY, copy_repo, run, set_params
+
+pytestmark = pytest.mark.e2e
+
+
+def _runs(uri: str, experiment: str = "cxr-classification"):
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"experiment {experiment} not in {uri}"
+    return exp, client.search_runs([exp.experiment_id])
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    repo = copy_repo(tmp_path_factory.mktemp("demo"))
+    # The demo's overrides, made tiny (in params.yaml's demo section, as a user could).
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["demo"].update(TINY)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "commit", "-qam", "tiny demo"], repo)
+    before = (repo / "params.yaml").read_text()
+    env = {"MLFLOW_TRACKING_URI": ""}
+    first = run(["cxr", "demo"], repo, env=env)
+    second = run(["cxr", "demo"], repo, env=env)
+    return {"repo": repo, "params_before": before, "first": first, "second": second}
+
+
+@pytest.fixture(scope="module")
+def repro(tmp_path_factory, mlflow_server):
+    repo = copy_repo(tmp_path_factory.mktemp("repro"))
+    set_params(repo, TINY)
+    env = {"MLFLOW_TRACKING_URI": mlflow_server}
+    first = run(["dvc", "repro"], repo, env=env)
+    second = run(["dvc", "repro"], repo, env=env)
+    return {"repo": repo, "uri": mlflow_server, "first": first, "second": second, "env": env}
+
+
+def test_demo_leaves_params_and_git_unchanged(demo):
+    repo = demo["repo"]
+    assert (repo / "params.yaml").read_text() == demo["params_before"]
+    status = run(["git", "status", "--porcelain"], repo).stdout
+    assert status.strip() == "", status
+
+
+def test_demo_writes_runs_to_the_store_at_the_repo_root(demo):
+    repo = demo["repo"]
+    assert (repo / "mlflow.db").is_file()
+    exp, runs = _runs(f"sqlite:///{repo / 'mlflow.db'}")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert exp.artifact_location == (repo / "mlartifacts" / "cxr-classification").as_uri()
+    # Nothing leaked into DVC's temporary copy.
+    assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
+    # Two demos = two DVC experiments, each with its own run grouped under its name.
+    groups = sorted(r.data.tags["cxr.group"] for r in runs)
+    names = sorted(r.data.tags["cxr.dvc_experiment"] for r in runs)
+    assert len(runs) == 2 and groups == names and groups[0] != groups[1]
+    shown = run(["dvc", "exp", "show", "--json"], repo).stdout
+    for name in names:
+        assert name in shown
+
+
+def test_second_demo_restores_data_stages_from_run_cache(demo):
+    out = demo["second"].stdout + demo["second"].stderr
+    assert "Stage 'download' is cached" in out
+    assert "Stage 'prepare' is cached" in out
+    # Training is never restored from the run-cache: its run record is an uncached output.
+    assert "Running stage 'train@cnn'" in out
+
+
+def test_repro_twice_second_does_nothing(repro):
+    assert "Running stage 'train@cnn'" in repro["first"].stdout
+    second = repro["second"].stdout
+    assert "Running stage" not in second
+    assert "Data and pipelines are up to date" in second
+
+
+def test_run_on_the_server_has_params_curves_and_model(repro):
+    import mlflow
+    import numpy as np
+
+    repo = repro["repo"]
+    record = json.loads((repo / "reports" / "cnn" / "mlflow_run.json").read_text())
+    exp, runs = _runs(repro["uri"])
+    assert [r.info.run_id for r in runs] == [record["run_id"]]
+    r = runs[0]
+    assert record["tracking_uri"] == repro["uri"]
+    assert r.data.params["train.epochs"] == str(TINY["train.epochs"])
+    assert r.data.params["model.pooling"] == "max"
+    assert r.data.tags["cxr.group"].startswith("repro-")
+    assert r.data.tags["cxr.stage"] == "train@cnn"
+    dataset = json.loads((repo / "prepared" / "dataset.json").read_text())
+    assert r.data.tags["cxr.data_fingerprint"] == dataset["fingerprint"]
+
+    client = mlflow.MlflowClient(repro["uri"])
+    history = client.get_metric_history(r.info.run_id, "val_accuracy")
+    assert [m.step for m in history] == list(range(TINY["train.epochs"]))
+    files = {f.path for f in client.list_artifacts(r.info.run_id)}
+    assert {"curves.png", "history.csv"} <= files
+
+    mlflow.set_tracking_uri(repro["uri"])
+    model = mlflow.keras.load_model(f"runs:/{r.info.run_id}/model")
+    x = np.load(repo / "prepared" / "images.npy")[:3][..., None]
+    probs = np.asarray(model.predict(x, verbose=0))
+    assert probs.shape == (3, 4) and np.allclose(probs.sum(axis=1), 1, atol=1e-4)
+
+
+def test_run_record_is_checked_against_the_current_store(repro, monkeypatch, tmp_path):
+    from cxr.tracking import find_recorded_run
+
+    record = repro["repo"] / "reports" / "cnn" / "mlflow_run.json"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", repro["uri"])
+    assert find_recorded_run(record) is not None
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
+    assert find_recorded_run(record) is None
+
+
+def test_train_param_change_reruns_only_training(repro):
+    repo = repro["repo"]
+    set_params(repo, {"train.epochs": TINY["train.epochs"] + 1})
+    try:
+        status = json.loads(run(["dvc", "status", "--json"], repo).stdout)
+        assert set(status) == {"train@cnn"}, status
+    finally:
+        set_params(repo, {"train.epochs": TINY["train.epochs"]})
+
+
+def test_unavailable_source_fails_with_a_clear_message(tmp_path):
+    repo = copy_repo(tmp_path)
+    proc = run(["dvc", "repro", "download"], repo, check=False)
+    assert proc.returncode != 0
+    assert "error: data.source 'kaggle' is not available yet" in proc.stderr
+    assert "Traceback" not in proc.stderr

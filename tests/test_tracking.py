@@ -1,0 +1,65 @@
+import mlflow
+import pytest
+
+from cxr import tracking
+
+
+def test_store_is_at_the_repo_root_or_the_env(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.delenv("DVC_ROOT")
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / "deep" / "er").mkdir(parents=True)
+    assert tracking.repo_root(tmp_path / "deep" / "er") == tmp_path
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.tracking_uri() == "http://127.0.0.1:5000"
+
+
+def test_passwords_never_leave_the_uri():
+    uri = "postgresql://ml:s3cret@db.example:5432/mlflow"
+    assert tracking.redact(uri) == "postgresql://ml:***@db.example:5432/mlflow"
+    assert tracking.redact("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
+def test_group_is_the_dvc_experiment_or_a_stable_hash(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DVC_EXP_NAME", "lucky-wren")
+    assert tracking.execution_group() == "lucky-wren"
+    monkeypatch.delenv("DVC_EXP_NAME")
+    (tmp_path / "params.yaml").write_text("a: 1\n")
+    first = tracking.execution_group()
+    assert first.startswith("repro-") and first == tracking.execution_group()
+    (tmp_path / "params.yaml").write_text("a: 2\n")
+    assert tracking.execution_group() != first
+
+
+@pytest.fixture
+def local_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    yield tmp_path
+    mlflow.set_tracking_uri(None)
+
+
+def test_experiment_kind_and_artifacts_beside_the_store(local_store):
+    exp_id = tracking.setup_experiment("cxr-test")
+    exp = mlflow.MlflowClient().get_experiment(exp_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert exp.artifact_location == (local_store / "mlartifacts" / "cxr-test").as_uri()
+    assert tracking.setup_experiment("cxr-test") == exp_id
+
+
+def test_mlflow_run_id_becomes_the_parent(local_store, monkeypatch):
+    exp_id = tracking.setup_experiment("cxr-test")
+    parent = mlflow.MlflowClient().create_run(exp_id).info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", parent)
+    with tracking.start_run("cxr-test", "cnn", {"cxr.group": "g"}) as run:
+        assert run.info.run_id != parent
+    child = mlflow.get_run(run.info.run_id)
+    assert child.data.tags["mlflow.parentRunId"] == parent
+    assert child.data.tags["cxr.group"] == "g"
+    import os
+
+    assert os.environ["MLFLOW_RUN_ID"] == parent  # restored for the next stage
