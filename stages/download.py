@@ -5,10 +5,16 @@ from pathlib import Path
 from cxr.download import download
 from cxr.errors import run_stage
 from cxr.params import load_params
+from cxr.tracking import repo_root
 
 
 def main() -> None:
-    info = download(load_params()["data"], Path("raw"), Path("reports/download.json"))
+    info = download(
+        load_params()["data"],
+        Path("raw"),
+        Path("reports/download.json"),
+        cache_dir=repo_root() / ".cache" / "downloads",
+    )
     print(f"download: {info['source']}: {info['files']}")
 
 

@@ -140,9 +140,16 @@ def test_train_param_change_reruns_only_training(repro):
         set_params(repo, {"train.epochs": TINY["train.epochs"]})
 
 
-def test_unavailable_source_fails_with_a_clear_message(tmp_path):
-    repo = copy_repo(tmp_path)
-    proc = run(["dvc", "repro", "download"], repo, check=False)
+def test_kaggle_without_credentials_fails_with_a_clear_message(tmp_path):
+    repo = copy_repo(tmp_path / "repo")
+    env = {
+        "KAGGLE_CONFIG_DIR": str(tmp_path / "no-kaggle"),
+        "KAGGLE_API_TOKEN": "",
+        "KAGGLE_USERNAME": "",
+        "KAGGLE_KEY": "",
+    }
+    proc = run(["dvc", "repro", "download"], repo, env=env, check=False)
     assert proc.returncode != 0
-    assert "error: data.source 'kaggle' is not available yet" in proc.stderr
+    assert "error: No Kaggle credentials found" in proc.stderr
     assert "Traceback" not in proc.stderr
+    assert not (repo / "raw").exists()

@@ -1,26 +1,308 @@
-"""The download stage: put the raw images, in the Kaggle layout, under one folder."""
+"""The download stage: put the raw images, in the Kaggle layout, under one folder.
+
+`data.source`:
+- `kaggle`: the real Kaggle API (imported lazily: `import kaggle` authenticates at import);
+- `archive`: a local zip or folder in the Kaggle layout;
+- `synthetic`: built-in phantom radiographs (offline).
+
+`data.topup` (`viral` | `all` | null) also fetches the paediatric pneumonia set
+(`data.topup_dataset`, layout `chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg`) that
+prepare can top the small pneumonia class up from.
+
+Output: `raw/COVID-19_Radiography_Dataset/<Class>/...` (and `raw/chest_xray/...`), moved into
+place only when complete. Kaggle zips are kept in `<repo>/.cache/downloads/`, keyed by slug
+and version, so a rerun of this stage (after a code change, or in a `dvc exp run --temp`
+copy) unpacks again without downloading again.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import hashlib
+import os
+import shutil
+import stat
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from cxr import synthetic
+from cxr.classes import DATASET_DIR, FOLDER_TO_LABEL
 from cxr.errors import CxrError
+from cxr.images import IMAGE_SUFFIXES
 from cxr.io import atomic_path, write_json
 
+TOPUP_DIR = "chest_xray"
 
-def download(data: dict[str, Any], out_dir: Path, info_path: Path) -> dict[str, Any]:
-    """Fetch `data.source` into `out_dir`; write what was fetched to `info_path`."""
-    source = data["source"]
-    if source != "synthetic":
-        raise CxrError(
-            f"data.source {source!r} is not available yet in this version; "
-            "use data.source: synthetic (the offline demo does)."
+
+class DownloadError(CxrError):
+    pass
+
+
+# ---------------------------------------------------------------------------- Kaggle
+
+
+def kaggle_credentials() -> str | None:
+    """Where the Kaggle client will find credentials (never their value), or None."""
+    config_dir = Path(os.environ.get("KAGGLE_CONFIG_DIR") or Path.home() / ".kaggle")
+    if os.environ.get("KAGGLE_API_TOKEN"):
+        return "KAGGLE_API_TOKEN"
+    if (config_dir / "access_token").is_file():
+        return str(config_dir / "access_token")
+    if os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY"):
+        return "KAGGLE_USERNAME and KAGGLE_KEY"
+    if (config_dir / "kaggle.json").is_file():
+        return str(config_dir / "kaggle.json")
+    return None
+
+
+NO_CREDENTIALS = (
+    "No Kaggle credentials found. Create a token at https://www.kaggle.com/settings "
+    "(API section) and either export KAGGLE_API_TOKEN=<token>, save it to "
+    "~/.kaggle/access_token, or put the legacy kaggle.json in ~/.kaggle/ (chmod 600). "
+    "To run offline instead, set data.source: synthetic (or archive with data.archive)."
+)
+
+
+def _kaggle_api():
+    from kaggle.api.kaggle_api_extended import KaggleApi  # authenticates on import: lazy
+
+    api = KaggleApi()
+    api.authenticate()
+    return api
+
+
+def _status(err: BaseException) -> int | None:
+    response = getattr(err, "response", None)
+    code = getattr(response, "status_code", None) or getattr(err, "status", None)
+    return int(code) if isinstance(code, int) else None
+
+
+def _is_network(err: BaseException) -> bool:
+    if isinstance(err, ConnectionError | TimeoutError):
+        return True
+    try:
+        import requests
+    except ImportError:  # pragma: no cover - requests comes with kaggle
+        return False
+    return isinstance(err, requests.ConnectionError | requests.Timeout)
+
+
+def kaggle_download(
+    dataset: str,
+    version: int | None,
+    dest: Path,
+    api_factory: Callable[[], Any] = _kaggle_api,
+    retries: int = 4,
+    backoff_s: float = 2.0,
+) -> Path:
+    """Download `dataset` (owner/name) as a zip into `dest`; return the zip's path.
+
+    Network failures are retried with exponential backoff; HTTP errors become messages that
+    say what to do. A failed or interrupted download leaves nothing in `dest`.
+    """
+    if kaggle_credentials() is None:
+        raise DownloadError(NO_CREDENTIALS)
+    owner_name = dataset.strip("/")
+    if owner_name.count("/") != 1:
+        raise DownloadError(f"data.kaggle_dataset {dataset!r} must look like 'owner/name'.")
+    ref = f"{owner_name}/{version}" if version else owner_name
+    final = dest / f"{owner_name.replace('/', '__')}__v{version or 'latest'}.zip"
+    if final.is_file() and zipfile.is_zipfile(final):
+        return final
+    dest.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, retries + 1):
+        tmp = Path(dest / f".{final.name}.part")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            api = api_factory()
+            api.dataset_download_files(ref, path=str(tmp), force=True, quiet=False, unzip=False)
+            zips = list(tmp.glob("*.zip"))
+            if len(zips) != 1:
+                raise DownloadError(f"Kaggle download of {ref} gave no zip file.")
+            os.replace(zips[0], final)
+            return final
+        except DownloadError:
+            raise
+        except Exception as err:  # translated, retried or re-raised below
+            code = _status(err)
+            if code in (401, 403):
+                raise DownloadError(
+                    f"Kaggle refused {ref} (HTTP {code}): the token from "
+                    f"{kaggle_credentials()} is invalid or expired, or you have not accepted "
+                    f"the dataset's terms: open https://www.kaggle.com/datasets/{owner_name}, "
+                    "accept them, and check your token."
+                ) from err
+            if code == 404:
+                raise DownloadError(
+                    f"Kaggle has no dataset {ref} (HTTP 404): check data.kaggle_dataset "
+                    "(owner/name) and data.kaggle_version."
+                ) from err
+            if not _is_network(err) or attempt == retries:
+                if _is_network(err):
+                    raise DownloadError(
+                        f"Could not reach Kaggle after {retries} attempts ({err}). Check the "
+                        "network, or set data.source: archive with a local copy."
+                    ) from err
+                raise
+            wait = backoff_s * 2 ** (attempt - 1)
+            print(f"download: network error ({err}); retry {attempt}/{retries - 1} in {wait:g} s")
+            time.sleep(wait)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------------------- archives
+
+
+def _check_member(info: zipfile.ZipInfo) -> None:
+    name = info.filename
+    path = PurePosixPath(name.replace("\\", "/"))
+    mode = info.external_attr >> 16
+    if path.is_absolute() or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        raise DownloadError(f"Archive entry {name!r} has an absolute path; refusing to unpack.")
+    if ".." in path.parts:
+        raise DownloadError(f"Archive entry {name!r} points outside the archive ('..').")
+    if stat.S_ISLNK(mode):
+        raise DownloadError(f"Archive entry {name!r} is a symbolic link; refusing to unpack.")
+
+
+def extract_zip(archive: Path, dest: Path) -> None:
+    """Unpack `archive` into `dest` after checking every entry (no absolute paths, no '..',
+    no links) and every CRC."""
+    if not zipfile.is_zipfile(archive):
+        raise DownloadError(f"{archive} is not a zip file (truncated or not an archive).")
+    with zipfile.ZipFile(archive) as zf:
+        infos = zf.infolist()
+        for info in infos:
+            _check_member(info)
+        bad = zf.testzip()
+        if bad is not None:
+            raise DownloadError(f"{archive} is corrupt: entry {bad!r} fails its CRC check.")
+        zf.extractall(dest)
+
+
+def _find_dir(root: Path, name: str) -> Path | None:
+    """`root/name`, or the shallowest folder called `name` below root (zips often add one)."""
+    if (root / name).is_dir():
+        return root / name
+    found = sorted((p for p in root.rglob(name) if p.is_dir()), key=lambda p: len(p.parts))
+    return found[0] if found else None
+
+
+def _dataset_root(unpacked: Path, what: str) -> Path:
+    """The folder holding the class folders, in either Kaggle layout."""
+    found = _find_dir(unpacked, DATASET_DIR)
+    if found is not None:
+        return found
+    if any((unpacked / folder).is_dir() for folder in FOLDER_TO_LABEL):
+        return unpacked
+    for child in unpacked.iterdir():  # one wrapping folder, class folders inside
+        if child.is_dir() and any((child / folder).is_dir() for folder in FOLDER_TO_LABEL):
+            return child
+    raise DownloadError(
+        f"{what} is not in the Kaggle layout: expected a folder '{DATASET_DIR}' or class "
+        f"folders {sorted(FOLDER_TO_LABEL)} (each with images, directly or in images/)."
+    )
+
+
+def count_images(root: Path) -> dict[str, int]:
+    counts = {}
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        counts[folder.name] = sum(
+            1 for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
         )
-    cfg = data["synthetic"]
+    return counts
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def unpack_into(source: Path, out: Path, name: str, what: str) -> dict[str, Any]:
+    """Put the dataset found in `source` (zip or folder) at `out/name`; return its facts."""
+    info: dict[str, Any] = {"path": str(source)}
+    if source.is_file():
+        info["sha256"] = sha256_file(source)
+        staging = out / f".{name}.unpack"
+        staging.mkdir()
+        extract_zip(source, staging)
+        unpacked = staging
+    elif source.is_dir():
+        unpacked = source
+    else:
+        raise DownloadError(f"{what}: {source} does not exist; set it to a zip file or folder.")
+    if name == DATASET_DIR:
+        root = _dataset_root(unpacked, f"{what} {source}")
+    else:
+        root = _find_dir(unpacked, name)
+        if root is None:
+            raise DownloadError(f"{what} {source} has no folder '{name}'.")
+    if source.is_file():
+        os.replace(root, out / name)
+        shutil.rmtree(out / f".{name}.unpack", ignore_errors=True)
+    else:  # a user's folder: copy, never move
+        shutil.copytree(root, out / name, symlinks=False)
+    info["files"] = count_images(out / name)
+    return info
+
+
+# ---------------------------------------------------------------------------- stage
+
+
+def download(
+    data: dict[str, Any],
+    out_dir: Path,
+    info_path: Path,
+    cache_dir: Path,
+    api_factory: Callable[[], Any] = _kaggle_api,
+) -> dict[str, Any]:
+    """Fetch `data.source` (and the top-up set) into `out_dir`; write the facts to `info_path`."""
+    source = data["source"]
+    info: dict[str, Any] = {"source": source}
     with atomic_path(out_dir) as tmp:
-        counts = synthetic.write_dataset(tmp, cfg["per_class"], cfg["image_size"], cfg["seed"])
-    info = {"source": source, "synthetic": cfg, "files": counts}
+        tmp.mkdir()
+        if source == "synthetic":
+            cfg = data["synthetic"]
+            synthetic.write_dataset(tmp, cfg["per_class"], cfg["image_size"], cfg["seed"])
+            if data["topup"]:
+                synthetic.write_topup(
+                    tmp / TOPUP_DIR, cfg["per_class"], cfg["image_size"], cfg["seed"]
+                )
+            info["synthetic"] = cfg
+            info["files"] = count_images(tmp / DATASET_DIR)
+        elif source == "archive":
+            info.update(unpack_into(Path(data["archive"]), tmp, DATASET_DIR, "data.archive"))
+        else:
+            zip_path = kaggle_download(
+                data["kaggle_dataset"], data["kaggle_version"], cache_dir, api_factory
+            )
+            info["kaggle_dataset"] = data["kaggle_dataset"]
+            info["kaggle_version"] = data["kaggle_version"] or "latest"
+            info.update(unpack_into(zip_path, tmp, DATASET_DIR, "Kaggle archive"))
+        if data["topup"] and source != "synthetic":
+            if source == "kaggle":
+                topup = kaggle_download(data["topup_dataset"], None, cache_dir, api_factory)
+            elif data["topup_archive"]:
+                topup = Path(data["topup_archive"])
+            else:
+                raise DownloadError(
+                    "data.topup is set with data.source: archive, but data.topup_archive is "
+                    f"empty: point it at a zip or folder holding '{TOPUP_DIR}/'."
+                )
+            info["topup"] = {
+                "dataset": data["topup_dataset"],
+                "pneumonia": data["topup"],
+                **unpack_into(topup, tmp, TOPUP_DIR, "top-up archive"),
+            }
+        elif data["topup"]:
+            info["topup"] = {"pneumonia": data["topup"], "files": count_images(tmp / TOPUP_DIR)}
     write_json(info_path, info)
     return info

@@ -21,7 +21,11 @@ SCHEMA: dict[str, Any] = {
     "data": {
         "source": str,
         "kaggle_dataset": str,
+        "kaggle_version": (int, type(None)),
         "archive": (str, type(None)),
+        "topup": (str, type(None)),
+        "topup_dataset": str,
+        "topup_archive": (str, type(None)),
         "synthetic": {"per_class": int, "image_size": int, "seed": int},
         "classes": list,
     },
@@ -85,6 +89,11 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
         raise ParamsError(
             "params.yaml: data.source is 'archive' but data.archive is empty; "
             "set it to a zip file or folder in the Kaggle layout."
+        )
+    if data["topup"] not in (None, "viral", "all"):
+        raise ParamsError(
+            f"params.yaml: data.topup is {data['topup']!r}; expected null (no top-up), "
+            "'viral' (viral pneumonia films only) or 'all' (viral and bacterial, as the study)."
         )
     data["classes"] = check_labels(data["classes"])
     prep = params["prepare"]

@@ -148,3 +148,62 @@ def write_dataset(
         ):
             pass
     return {LABEL_TO_FOLDER[label]: per_class for label in labels}
+
+
+def _write_jpeg(job: tuple[Path, str, int, int, int]) -> None:
+    path, label, index, size, seed = job
+    Image.fromarray(phantom(label, index, size, seed)).save(path, quality=90)
+
+
+def write_topup(root: Path, per_class: int, size: int = 299, seed: int = 0) -> None:
+    """Phantoms in the paediatric pneumonia set's layout (`train/PNEUMONIA/*_virus_*.jpeg`,
+    `*_bacteria_*`, `NORMAL/`). Like the real set, it holds re-encoded copies of the
+    database's pneumonia images (the first quarter), which prepare must find as duplicates."""
+    jobs = []
+    for split, share in (("train", 0.8), ("val", 0.05), ("test", 0.15)):
+        folder = root / split / "PNEUMONIA"
+        folder.mkdir(parents=True, exist_ok=True)
+        (root / split / "NORMAL").mkdir(parents=True, exist_ok=True)
+        n = max(1, int(per_class * share))
+        offset = {"train": 0, "val": 10_000, "test": 20_000}[split]
+        for i in range(n):
+            # Viral films: a quarter are the database's own images (same seed and index).
+            viral_seed, viral_index = (
+                (seed, i) if split == "train" and i < per_class // 4 else (seed + 1, offset + i)
+            )
+            jobs.append(
+                (
+                    folder / f"person{offset + i}_virus_{i}.jpeg",
+                    "pneumonia",
+                    viral_index,
+                    size,
+                    viral_seed,
+                )
+            )
+            jobs.append(
+                (
+                    folder / f"person{offset + i}_bacteria_{i}.jpeg",
+                    "lung_opacity",
+                    offset + i,
+                    size,
+                    seed + 2,
+                )
+            )
+        jobs += [
+            (
+                root / split / "NORMAL" / f"IM-{offset + i}.jpeg",
+                "normal",
+                offset + i,
+                size,
+                seed + 3,
+            )
+            for i in range(max(1, n // 4))
+        ]
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        for _ in progress(
+            pool.map(_write_jpeg, jobs, chunksize=16),
+            total=len(jobs),
+            desc="top-up phantoms",
+            unit="img",
+        ):
+            pass

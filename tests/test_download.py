@@ -1,0 +1,235 @@
+"""download at its boundary: a fake KaggleApi serving zips built from the real sample."""
+
+from __future__ import annotations
+
+import json
+import stat
+import zipfile
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from cxr.classes import DATASET_DIR
+from cxr.download import DownloadError, download
+from tests.conftest import REAL_SAMPLE, ROOT
+
+needs_sample = pytest.mark.skipif(
+    not REAL_SAMPLE.is_dir(), reason=f"real sample not found at {REAL_SAMPLE}"
+)
+
+
+def data_params(**overrides):
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())["data"]
+    return {**data, **overrides}
+
+
+def zip_tree(root: Path, zip_path: Path, prefix: str = "", flat: bool = False) -> Path:
+    """Zip `root` (a Kaggle-layout folder); `flat` drops the images/ level (older layout)."""
+    with zipfile.ZipFile(zip_path, "w") as zf:
+        for path in sorted(root.rglob("*")):
+            if path.is_file():
+                rel = path.relative_to(root).as_posix()
+                if flat:
+                    rel = rel.replace("/images/", "/")
+                zf.write(path, prefix + rel)
+    return zip_path
+
+
+class FakeKaggleApi:
+    """Stands in for kaggle's KaggleApi: serves a zip, or fails the way the real one does."""
+
+    def __init__(self, zip_path: Path | None, failures: list[BaseException] = ()):
+        self.zip_path, self.failures, self.calls = zip_path, list(failures), []
+
+    def dataset_download_files(self, dataset, path=None, force=False, quiet=True, unzip=False):
+        self.calls.append(dataset)
+        out = Path(path) / f"{dataset.split('/')[1]}.zip"
+        if self.failures:
+            out.write_bytes(b"PK\x03\x04 partial")  # an interrupted transfer
+            raise self.failures.pop(0)
+        out.write_bytes(self.zip_path.read_bytes())
+
+
+def http_error(code: int) -> requests.HTTPError:
+    response = requests.Response()
+    response.status_code = code
+    return requests.HTTPError(f"{code} Client Error", response=response)
+
+
+@pytest.fixture
+def creds(monkeypatch, tmp_path):
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "kaggle-config"))
+    for var in ("KAGGLE_USERNAME", "KAGGLE_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("KAGGLE_API_TOKEN", "test-token")
+
+
+@pytest.fixture(scope="module")
+def sample_zip(tmp_path_factory) -> Path:
+    if not REAL_SAMPLE.is_dir():
+        pytest.skip(f"real sample not found at {REAL_SAMPLE}")
+    return zip_tree(REAL_SAMPLE, tmp_path_factory.mktemp("zips") / "sample.zip")
+
+
+def run_kaggle(tmp_path, api, **overrides):
+    return download(
+        data_params(**overrides),
+        tmp_path / "raw",
+        tmp_path / "download.json",
+        tmp_path / "cache",
+        api_factory=lambda: api,
+    )
+
+
+@needs_sample
+def test_kaggle_download_unpacks_records_and_caches(tmp_path, creds, sample_zip):
+    api = FakeKaggleApi(sample_zip)
+    info = run_kaggle(tmp_path, api, kaggle_version=5)
+    assert api.calls == ["tawsifurrahman/covid19-radiography-database/5"]
+    assert info["files"] == {"COVID": 40, "Normal": 40, "Viral Pneumonia": 40}
+    saved = json.loads((tmp_path / "download.json").read_text())
+    assert saved["kaggle_version"] == 5 and len(saved["sha256"]) == 64
+    assert "test-token" not in (tmp_path / "download.json").read_text()
+    assert len(list((tmp_path / "raw" / DATASET_DIR / "COVID" / "images").glob("*.png"))) == 40
+    # A rerun (code change, or a dvc exp --temp copy) unpacks the cached zip: no new download.
+    run_kaggle(tmp_path, api, kaggle_version=5)
+    assert len(api.calls) == 1
+
+
+@needs_sample
+def test_older_flat_layout_without_wrapper_folder(tmp_path, creds):
+    flat = zip_tree(REAL_SAMPLE / DATASET_DIR, tmp_path / "flat.zip", prefix="v1/", flat=True)
+    info = run_kaggle(tmp_path, FakeKaggleApi(flat))
+    assert info["files"] == {"COVID": 40, "Normal": 40, "Viral Pneumonia": 40}
+    assert (tmp_path / "raw" / DATASET_DIR / "Normal" / "Normal-10007.png").is_file()
+
+
+def test_missing_credentials_say_how_to_set_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "none"))
+    for var in ("KAGGLE_API_TOKEN", "KAGGLE_USERNAME", "KAGGLE_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    api = FakeKaggleApi(None)
+    with pytest.raises(DownloadError, match="KAGGLE_API_TOKEN.*data.source: synthetic"):
+        run_kaggle(tmp_path, api)
+    assert api.calls == [] and not (tmp_path / "raw").exists()
+
+
+def test_legacy_kaggle_json_counts_as_credentials(tmp_path, monkeypatch):
+    from cxr.download import kaggle_credentials
+
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path))
+    for var in ("KAGGLE_API_TOKEN", "KAGGLE_USERNAME", "KAGGLE_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    assert kaggle_credentials() is None
+    (tmp_path / "kaggle.json").write_text('{"username": "u", "key": "k"}')
+    assert kaggle_credentials() == str(tmp_path / "kaggle.json")
+
+
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [(401, "invalid or expired.*accept"), (403, "accept them"), (404, "no dataset.*owner/name")],
+)
+def test_http_errors_are_translated(tmp_path, creds, code, message):
+    with pytest.raises(DownloadError, match=message):
+        run_kaggle(tmp_path, FakeKaggleApi(None, [http_error(code)]))
+    assert not (tmp_path / "raw").exists()
+    assert not any((tmp_path / "cache").iterdir())
+
+
+@needs_sample
+def test_network_errors_are_retried(tmp_path, creds, sample_zip, monkeypatch):
+    monkeypatch.setattr("cxr.download.time.sleep", lambda s: None)
+    api = FakeKaggleApi(sample_zip, [requests.ConnectionError("reset"), requests.Timeout("slow")])
+    info = run_kaggle(tmp_path, api)
+    assert len(api.calls) == 3 and info["files"]["COVID"] == 40
+
+
+@pytest.mark.parametrize("failure", [requests.ConnectionError("down"), KeyboardInterrupt()])
+def test_interrupted_download_leaves_nothing(tmp_path, creds, monkeypatch, failure):
+    monkeypatch.setattr("cxr.download.time.sleep", lambda s: None)
+    api = FakeKaggleApi(None, [failure] * 4)
+    with pytest.raises((DownloadError, KeyboardInterrupt)) as err:
+        run_kaggle(tmp_path, api)
+    if isinstance(failure, requests.ConnectionError):
+        assert "after 4 attempts" in str(err.value)
+    assert not (tmp_path / "raw").exists()
+    assert list((tmp_path / "cache").iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def _evil_zip(path: Path, name: str, link: bool = False) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(f"{DATASET_DIR}/COVID/images/COVID-1.png", b"x")
+        info = zipfile.ZipInfo(name)
+        if link:
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+        zf.writestr(info, "/etc/passwd" if link else b"x")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("entry", "link", "message"),
+    [
+        ("../../evil.png", False, "outside the archive"),
+        ("/tmp/evil.png", False, "absolute path"),
+        (f"{DATASET_DIR}/COVID/images/link.png", True, "symbolic link"),
+    ],
+)
+def test_hostile_entries_are_refused(tmp_path, entry, link, message):
+    archive = _evil_zip(tmp_path / "evil.zip", entry, link)
+    with pytest.raises(DownloadError, match=message):
+        download(
+            data_params(source="archive", archive=str(archive)),
+            tmp_path / "raw",
+            tmp_path / "d.json",
+            tmp_path / "cache",
+        )
+    assert not (tmp_path / "raw").exists()
+    assert not (tmp_path.parent / "evil.png").exists()
+
+
+def test_truncated_and_foreign_archives(tmp_path):
+    truncated = tmp_path / "t.zip"
+    truncated.write_bytes(b"PK\x03\x04 not really")
+    with pytest.raises(DownloadError, match="not a zip file"):
+        download(
+            data_params(source="archive", archive=str(truncated)),
+            tmp_path / "raw",
+            tmp_path / "d.json",
+            tmp_path / "cache",
+        )
+    other = tmp_path / "other"
+    (other / "cats").mkdir(parents=True)
+    with pytest.raises(DownloadError, match="not in the Kaggle layout"):
+        download(
+            data_params(source="archive", archive=str(other)),
+            tmp_path / "raw",
+            tmp_path / "d.json",
+            tmp_path / "cache",
+        )
+    assert not (tmp_path / "raw").exists()
+
+
+@needs_sample
+def test_archive_folder_is_copied_never_moved(tmp_path):
+    info = download(
+        data_params(source="archive", archive=str(REAL_SAMPLE)),
+        tmp_path / "raw",
+        tmp_path / "d.json",
+        tmp_path / "cache",
+    )
+    assert info["files"]["Viral Pneumonia"] == 40
+    assert (REAL_SAMPLE / DATASET_DIR / "COVID").is_dir()
+
+
+def test_synthetic_topup_has_the_paediatric_layout(tmp_path):
+    data = data_params(
+        source="synthetic", topup="viral", synthetic={"per_class": 8, "image_size": 64, "seed": 0}
+    )
+    info = download(data, tmp_path / "raw", tmp_path / "d.json", tmp_path / "cache")
+    pneumonia = tmp_path / "raw" / "chest_xray" / "train" / "PNEUMONIA"
+    assert len(list(pneumonia.glob("*_virus_*.jpeg"))) == 6
+    assert len(list(pneumonia.glob("*_bacteria_*.jpeg"))) == 6
+    assert info["topup"]["pneumonia"] == "viral"
