@@ -1,20 +1,42 @@
-"""prepare: index raw/ and data/, split, decode once into prepared/ (cache + manifest)."""
+"""prepare: validate, dedupe, balance and split raw/ + data/; cache in prepared/, report in
+reports/data/ (also logged to MLflow as the execution's `prepare` run)."""
 
 from pathlib import Path
 
+from cxr.data_report import write_data_report
 from cxr.errors import run_stage
 from cxr.io import write_json
 from cxr.params import load_params
 from cxr.prepare import prepare
+from cxr.tracking import log_data_report
 
 
 def main() -> None:
     params = load_params()
-    summary = prepare(
-        Path("raw"), [Path("data")], params["data"]["classes"], params["prepare"], Path("prepared")
+    data = params["data"]
+    report = prepare(
+        Path("raw"),
+        [Path("data")],
+        data["classes"],
+        params["prepare"],
+        Path("prepared"),
+        topup=data["topup"],
     )
-    write_json(Path("reports/prepare.json"), {"n_images": summary["n_images"], **summary["counts"]})
-    print(f"prepare: {summary['n_images']} images, {summary['counts']}")
+    write_data_report(report, Path("prepared"), Path("reports/data"))
+    write_json(
+        Path("reports/prepare.json"),
+        {
+            "n_images": report["n_images"],
+            "rejected": len(report["rejects"]),
+            "duplicates_removed": sum(len(d) - 1 for d in report["duplicates"]),
+            "conflicts": len(report["conflicts"]),
+            **report["counts"],
+        },
+    )
+    log_data_report(params, report, Path("reports/data"))
+    print(f"prepare: {report['n_images']} images; {report['counts']}")
+    for note in report["balance"]["notes"]:
+        print(f"prepare: {note}")
 
 
 if __name__ == "__main__":

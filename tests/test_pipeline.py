@@ -66,10 +66,14 @@ def test_demo_writes_runs_to_the_store_at_the_repo_root(demo):
     assert exp.artifact_location == (repo / "mlartifacts" / "cxr-classification").as_uri()
     # Nothing leaked into DVC's temporary copy.
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
-    # Two demos = two DVC experiments, each with its own run grouped under its name.
-    groups = sorted(r.data.tags["cxr.group"] for r in runs)
-    names = sorted(r.data.tags["cxr.dvc_experiment"] for r in runs)
-    assert len(runs) == 2 and groups == names and groups[0] != groups[1]
+    # Two demos = two DVC experiments, each with its own training run grouped under its name;
+    # prepare ran (and logged its data report) only in the first: the second restored it.
+    train = [r for r in runs if r.data.tags["cxr.stage"] == "train@cnn"]
+    groups = sorted(r.data.tags["cxr.group"] for r in train)
+    names = sorted(r.data.tags["cxr.dvc_experiment"] for r in train)
+    assert len(train) == 2 and groups == names and groups[0] != groups[1]
+    prepare = [r for r in runs if r.data.tags["cxr.stage"] == "prepare"]
+    assert len(prepare) == 1 and prepare[0].data.tags["cxr.group"] in names
     shown = run(["dvc", "exp", "show", "--json"], repo).stdout
     for name in names:
         assert name in shown
@@ -97,8 +101,11 @@ def test_run_on_the_server_has_params_curves_and_model(repro):
     repo = repro["repo"]
     record = json.loads((repo / "reports" / "cnn" / "mlflow_run.json").read_text())
     exp, runs = _runs(repro["uri"])
-    assert [r.info.run_id for r in runs] == [record["run_id"]]
-    r = runs[0]
+    by_stage = {r.data.tags["cxr.stage"]: r for r in runs}
+    assert sorted(by_stage) == ["prepare", "train@cnn"] and len(runs) == 2
+    r = by_stage["train@cnn"]
+    assert r.info.run_id == record["run_id"]
+    assert by_stage["prepare"].data.tags["cxr.group"] == r.data.tags["cxr.group"]
     assert record["tracking_uri"] == repro["uri"]
     assert r.data.params["train.epochs"] == str(TINY["train.epochs"])
     assert r.data.params["model.pooling"] == "max"
@@ -112,6 +119,8 @@ def test_run_on_the_server_has_params_curves_and_model(repro):
     assert [m.step for m in history] == list(range(TINY["train.epochs"]))
     files = {f.path for f in client.list_artifacts(r.info.run_id)}
     assert {"curves.png", "history.csv"} <= files
+    report = {f.path for f in client.list_artifacts(by_stage["prepare"].info.run_id, "data_report")}
+    assert {"data_report/report.md", "data_report/sample_grid.png"} <= report
 
     mlflow.set_tracking_uri(repro["uri"])
     model = mlflow.keras.load_model(f"runs:/{r.info.run_id}/model")

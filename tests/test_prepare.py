@@ -1,21 +1,35 @@
+import io
 import shutil
-from collections import Counter
+from collections import Counter, defaultdict
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from cxr.classes import DATASET_DIR, LABELS
 from cxr.images import load_grey
 from cxr.prepare import DataError, index_images, load_prepared, prepare
+from cxr.synthetic import write_dataset, write_topup
 from tests.conftest import REAL_SAMPLE
 
-CFG = {"image_size": 32, "val_fraction": 0.25, "test_fraction": 0.25, "seed": 3}
+CFG = {
+    "image_size": 32,
+    "min_size": 32,
+    "near_duplicate_bits": 5,
+    "near_duplicate_mad": 4.0,
+    "balance": "undersample",
+    "balance_target": "covid",
+    "val_fraction": 0.25,
+    "test_fraction": 0.25,
+    "seed": 3,
+}
 
 
 def test_split_is_stratified_disjoint_and_cached(synthetic_raw, tmp_path):
-    summary = prepare(synthetic_raw, [], list(LABELS), CFG, tmp_path / "prepared")
+    report = prepare(synthetic_raw, [], list(LABELS), CFG, tmp_path / "prepared")
     images, rows, saved = load_prepared(tmp_path / "prepared")
-    assert saved == summary and images.shape == (48, 32, 32) and images.dtype == np.uint8
+    assert saved["fingerprint"] == report["fingerprint"]
+    assert images.shape == (48, 32, 32) and images.dtype == np.uint8
     assert Counter(r["split"] for r in rows) == {"train": 24, "val": 12, "test": 12}
     for split in ("train", "val", "test"):
         per_class = Counter(r["label"] for r in rows if r["split"] == split)
@@ -23,6 +37,13 @@ def test_split_is_stratified_disjoint_and_cached(synthetic_raw, tmp_path):
     assert len({r["path"] for r in rows}) == 48
     for r in rows[:5]:
         assert np.array_equal(images[int(r["index"])], load_grey(r["path"], 32))
+    assert report["rejects"] == [] and report["duplicates"] == []
+    assert list(tmp_path.iterdir()) == [tmp_path / "prepared"]  # no scratch left behind
+    assert sorted(p.name for p in (tmp_path / "prepared").iterdir()) == [
+        "dataset.json",
+        "images.npy",
+        "manifest.csv",
+    ]
 
 
 def test_same_seed_same_split_and_fingerprint(synthetic_raw, tmp_path):
@@ -44,6 +65,124 @@ def test_flat_layout_and_user_data_are_merged(synthetic_raw, tmp_path):
     assert counts == {"covid": 13, "lung_opacity": 12, "normal": 12, "pneumonia": 12}
 
 
+@pytest.fixture
+def planted(tmp_path):
+    """Phantoms with every kind of trouble planted in them."""
+    root = tmp_path / "raw"
+    write_dataset(root, per_class=12, size=96)
+    base = root / DATASET_DIR
+    covid, normal = base / "COVID" / "images", base / "Normal" / "images"
+    pneu, opacity = base / "Viral Pneumonia" / "images", base / "Lung_Opacity" / "images"
+    shutil.copy(covid / "COVID-1.png", covid / "COVID-copy.png")  # exact duplicate
+    grey = np.asarray(Image.open(covid / "COVID-2.png"))
+    Image.fromarray(np.stack([grey] * 3, -1)).save(covid / "COVID-2-rgb.png")  # same pixels
+    shutil.copy(normal / "Normal-3.png", pneu / "Viral Pneumonia-conflict.png")  # two labels
+    buf = io.BytesIO()
+    Image.open(opacity / "Lung_Opacity-4.png").save(buf, "JPEG", quality=85)
+    (opacity / "Lung_Opacity-4-reencoded.jpg").write_bytes(buf.getvalue())  # near duplicate
+    (normal / "empty.png").write_bytes(b"")
+    (normal / "notes.png").write_text("not an image")
+    (normal / "truncated.png").write_bytes((normal / "Normal-5.png").read_bytes()[:400])
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(normal / "tiny.png")
+    other = np.asarray(Image.open(pneu / "Viral Pneumonia-6.png"))[::-1]  # a new image
+    rgba = np.dstack([other] * 3 + [np.full_like(other, 255)])
+    Image.fromarray(rgba).save(pneu / "rgba.png")  # valid, RGBA
+    other = np.asarray(Image.open(opacity / "Lung_Opacity-6.png"))[::-1]
+    Image.fromarray(other.astype(np.uint16) * 257).save(opacity / "sixteen.png")  # 16 bit
+    return root
+
+
+def test_planted_trouble_is_handled_and_reported(planted, tmp_path):
+    cfg = {**CFG, "balance": "none", "min_size": 48}
+    report = prepare(planted, [], list(LABELS), cfg, tmp_path / "p")
+    reasons = {r["path"].rsplit("/", 1)[-1]: r["reason"] for r in report["rejects"]}
+    assert set(reasons) == {"empty.png", "notes.png", "truncated.png", "tiny.png"}
+    assert "empty" in reasons["empty.png"]
+    assert "not an image" in reasons["notes.png"]
+    assert "corrupt or truncated" in reasons["truncated.png"]
+    assert "too small" in reasons["tiny.png"]
+
+    dup_names = sorted(sorted(p.rsplit("/", 1)[-1] for p in g) for g in report["duplicates"])
+    assert ["COVID-1.png", "COVID-copy.png"] in dup_names
+    assert ["COVID-2-rgb.png", "COVID-2.png"] in dup_names
+    assert [c["labels"] for c in report["conflicts"]] == [["normal", "pneumonia"]]
+
+    _, rows, _ = load_prepared(tmp_path / "p")
+    names = {r["path"].rsplit("/", 1)[-1] for r in rows}
+    assert {"rgba.png", "sixteen.png", "Lung_Opacity-4-reencoded.jpg"} <= names
+    # One copy of each exact duplicate is kept; every copy of a conflict is dropped.
+    assert len(names & {"COVID-1.png", "COVID-copy.png"}) == 1
+    assert len(names & {"COVID-2.png", "COVID-2-rgb.png"}) == 1
+    assert not names & {"Normal-3.png", "Viral Pneumonia-conflict.png"}
+    near = [g for g in report["near_duplicate_groups"] if any("reencoded" in p for p in g)]
+    assert len(near) == 1 and len(near[0]) == 2
+    splits = {r["split"] for r in rows if r["path"] in near[0]}
+    assert len(splits) == 1  # a group never straddles splits
+
+    md = tmp_path / "report.md"
+    from cxr.data_report import write_data_report
+
+    write_data_report(report, tmp_path / "p", tmp_path / "report")
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "notes.png" in md and "Label conflicts" in md and "| covid |" in md
+    assert (tmp_path / "report" / "sample_grid.png").stat().st_size > 1000
+
+
+def test_decompression_bomb_is_rejected_without_decoding(tmp_path):
+    from cxr.images import ImageRejected, decode_grey
+
+    Image.new("L", (8000, 7000)).save(tmp_path / "bomb.png")
+    with pytest.raises(ImageRejected, match="too large"):
+        decode_grey(tmp_path / "bomb.png")
+
+
+def test_undersampling_to_the_covid_count_and_the_shortfall(tmp_path):
+    root = tmp_path / "raw"
+    write_dataset(root, per_class=20, size=64, labels=("covid", "lung_opacity", "normal"))
+    write_dataset(root, per_class=8, size=64, labels=("pneumonia",))
+    shutil.rmtree(root / DATASET_DIR / "COVID" / "images")
+    write_dataset(root, per_class=12, size=64, labels=("covid",))
+    report = prepare(root, [], list(LABELS), CFG, tmp_path / "p")
+    after = {c: v["after_balancing"] for c, v in report["per_class"].items()}
+    assert after == {"covid": 12, "lung_opacity": 12, "normal": 12, "pneumonia": 8}
+    assert report["balance"]["target"] == 12
+    assert any("pneumonia: 8 images, below the target 12" in n for n in report["balance"]["notes"])
+
+
+def test_top_up_adds_only_new_films(tmp_path):
+    root = tmp_path / "raw"
+    write_dataset(root, per_class=16, size=64, labels=("covid", "lung_opacity", "normal"))
+    write_dataset(root, per_class=4, size=64, labels=("pneumonia",))
+    write_topup(root / "chest_xray", per_class=16, size=64)  # holds copies of 4 db films
+    cfg = {**CFG, "balance": "top-up"}
+    report = prepare(root, [], list(LABELS), cfg, tmp_path / "p", topup="viral")
+    _, rows, _ = load_prepared(tmp_path / "p")
+    added = [r for r in rows if r["origin"] == "topup"]
+    assert all("virus" in r["path"] for r in added)
+    assert report["per_class"]["pneumonia"]["after_balancing"] == 4 + len(added)
+    # The topped-up set has no film twice: re-encoded copies of database films were dropped.
+    assert len(added) <= 16 - 4 + 1
+    with pytest.raises(DataError, match="data.topup"):
+        prepare(root, [], list(LABELS), cfg, tmp_path / "q", topup=None)
+
+
+def test_no_group_straddles_splits_with_many_near_duplicates(tmp_path):
+    root = tmp_path / "raw"
+    write_dataset(root, per_class=10, size=64)
+    for folder in (root / DATASET_DIR).iterdir():
+        for png in list((folder / "images").glob("*.png"))[:5]:
+            img = Image.open(png)
+            for k in range(2):
+                img.save(png.with_name(f"{png.stem}-v{k}.jpg"), quality=80 + 5 * k)
+    report = prepare(root, [], list(LABELS), {**CFG, "balance": "none"}, tmp_path / "p")
+    _, rows, _ = load_prepared(tmp_path / "p")
+    by_group = defaultdict(set)
+    for r in rows:
+        by_group[r["group"]].add(r["split"])
+    assert len(report["near_duplicate_groups"]) == 20
+    assert all(len(s) == 1 for s in by_group.values())
+
+
 @pytest.mark.skipif(not REAL_SAMPLE.is_dir(), reason=f"real sample not found at {REAL_SAMPLE}")
 def test_real_sample_missing_class_names_it_and_the_fix(tmp_path):
     with pytest.raises(DataError) as err:
@@ -53,6 +192,6 @@ def test_real_sample_missing_class_names_it_and_the_fix(tmp_path):
     assert "['covid', 'normal', 'pneumonia']" in message
     assert not (tmp_path / "p").exists()
 
-    summary = prepare(REAL_SAMPLE, [], ["covid", "normal", "pneumonia"], CFG, tmp_path / "p")
-    assert summary["n_images"] == 120
-    assert summary["counts"]["test"] == {"covid": 10, "normal": 10, "pneumonia": 10}
+    report = prepare(REAL_SAMPLE, [], ["covid", "normal", "pneumonia"], CFG, tmp_path / "p")
+    assert report["n_images"] == 120 and report["rejects"] == []
+    assert report["counts"]["test"] == {"covid": 10, "normal": 10, "pneumonia": 10}

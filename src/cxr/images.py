@@ -1,13 +1,26 @@
-"""Decoding radiographs: the one function prepare (and later predict and serving) use."""
+"""Decoding radiographs: the one place that turns a file into pixels (prepare, predict, serving).
+
+`decode_grey` validates as it decodes and says why a file is rejected; `resize` brings the
+pixels to the model's size; `content_hash` and `perceptual_hash` find exact and near
+duplicates.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+MAX_PIXELS = 50_000_000  # ~7000 x 7000: far above any radiograph, far below a decompression bomb
+SUPPORTED_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "I;16", "I;16B", "I;16L", "I"}
+
+
+class ImageRejected(ValueError):
+    """A file that is not a usable radiograph; the message is the reason."""
 
 
 def to_grey_uint8(img: Image.Image) -> np.ndarray:
@@ -21,11 +34,61 @@ def to_grey_uint8(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("L"), dtype=np.uint8)
 
 
-def load_grey(path: str | Path, size: int) -> np.ndarray:
-    """Decode an image file to a (size, size) uint8 grey array, resized with antialiasing."""
-    with Image.open(path) as img:
-        img.load()
-        grey = to_grey_uint8(img)
-    if grey.shape != (size, size):
-        grey = np.asarray(Image.fromarray(grey).resize((size, size), Image.BILINEAR))
+def decode_grey(path: str | Path, min_size: int = 1, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode and validate one file; raise ImageRejected with the reason when unusable."""
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise ImageRejected("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise ImageRejected(
+                        f"too large: {width}x{height} pixels exceeds {max_pixels:,} "
+                        "(possible decompression bomb)"
+                    )
+                if img.mode not in SUPPORTED_MODES:
+                    raise ImageRejected(f"unsupported pixel mode {img.mode!r}")
+                img.load()
+                grey = to_grey_uint8(img)
+    except ImageRejected:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageRejected(f"too large (possible decompression bomb): {err}") from err
+    except Image.UnidentifiedImageError as err:
+        raise ImageRejected("not an image (no known image format)") from err
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageRejected(f"corrupt or truncated ({err})") from err
+    if min(grey.shape) < min_size:
+        raise ImageRejected(f"too small: {grey.shape[1]}x{grey.shape[0]} < {min_size} px")
     return grey
+
+
+def resize(grey: np.ndarray, size: int) -> np.ndarray:
+    """(H, W) uint8 -> (size, size) uint8, antialiased."""
+    if grey.shape == (size, size):
+        return grey
+    return np.asarray(Image.fromarray(grey).resize((size, size), Image.BILINEAR))
+
+
+def load_grey(path: str | Path, size: int) -> np.ndarray:
+    """Decode an image file to a (size, size) uint8 grey array."""
+    return resize(decode_grey(path), size)
+
+
+def content_hash(grey: np.ndarray) -> str:
+    """Hash of the decoded pixels: the same image saved as grey, RGB or another PNG matches."""
+    return hashlib.sha256(f"{grey.shape}".encode() + grey.tobytes()).hexdigest()
+
+
+def perceptual_hash(grey: np.ndarray) -> int:
+    """64-bit pHash: signs of the lowest 8x8 DCT frequencies of a 32x32 thumbnail against
+    their median. Re-encoded, resized or slightly changed copies differ in few bits."""
+    from scipy.fft import dctn
+
+    thumb = np.asarray(Image.fromarray(grey).resize((32, 32), Image.BILINEAR), np.float64)
+    low = dctn(thumb, norm="ortho")[:8, :8].ravel()
+    bits = low > np.median(low[1:])
+    return int(np.packbits(bits).view(">u8")[0])

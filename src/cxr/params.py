@@ -15,6 +15,7 @@ from cxr.classes import check_labels
 from cxr.errors import CxrError
 
 SOURCES = ("kaggle", "archive", "synthetic")
+BALANCE = ("undersample", "top-up", "none")
 
 # Required keys of each section, with the type they must have (nested dicts are checked too).
 SCHEMA: dict[str, Any] = {
@@ -29,7 +30,17 @@ SCHEMA: dict[str, Any] = {
         "synthetic": {"per_class": int, "image_size": int, "seed": int},
         "classes": list,
     },
-    "prepare": {"image_size": int, "val_fraction": float, "test_fraction": float, "seed": int},
+    "prepare": {
+        "image_size": int,
+        "min_size": int,
+        "near_duplicate_bits": int,
+        "near_duplicate_mad": float,
+        "balance": str,
+        "balance_target": (str, int),
+        "val_fraction": float,
+        "test_fraction": float,
+        "seed": int,
+    },
     "train": {
         "models": list,
         "seed": int,
@@ -105,6 +116,10 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
         raise ParamsError(
             "params.yaml: prepare.val_fraction and prepare.test_fraction must be "
             "in (0, 1) and sum to less than 1."
+        )
+    if prep["balance"] not in BALANCE:
+        raise ParamsError(
+            f"params.yaml: prepare.balance is {prep['balance']!r}; expected one of {list(BALANCE)}."
         )
     for model in params["train"]["models"]:
         if model not in params["models"]:

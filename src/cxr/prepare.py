@@ -1,30 +1,53 @@
-"""The prepare stage: index the raw images, split them, decode once into a cached array.
+"""The prepare stage: index, validate, dedupe, balance, split, decode once into a cache.
 
-Outputs (all under one folder, written atomically):
-- `images.npy`: uint8 array (N, size, size), rows in manifest order, streamed to disk;
-- `manifest.csv`: one row per image: index, label, split, sha256, source path;
-- `dataset.json`: classes in label-index order, image size, counts, and the data fingerprint
-  that every MLflow run is tagged with.
+Order matters (DESIGN §3): duplicates are found before balancing and splitting, balancing
+never copies an image, and near-duplicate groups never straddle train/val/test.
+
+1. index: the class folders of `raw/` (either Kaggle layout), your images in `data/`, and,
+   for `balance: top-up`, the paediatric pneumonia films in `raw/chest_xray/`;
+2. scan (all cores): decode and validate every file, hash its pixels (exact duplicates) and
+   its look (perceptual hash), and write it at `image_size` into a scratch array;
+3. dedupe: one copy of each exact duplicate is kept; the same pixels under two labels is a
+   conflict and every copy is dropped; near duplicates (perceptual hashes within
+   `near_duplicate_bits` and thumbnails within `near_duplicate_mad` grey levels) form groups;
+4. balance: `undersample` (default: every class down to the `balance_target` class's count),
+   `top-up` (undersample, then fill pneumonia from the top-up films) or `none`; a target that
+   cannot be reached is said in the report, with what was done instead;
+5. split: stratified by class, whole groups at a time, reproducible by `seed`;
+6. cache: the kept images, copied in manifest order into `images.npy`.
+
+Memory stays flat in the dataset size: images go from the decoder to disk (memory-mapped).
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
-from collections import Counter
+import os
+from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from cxr.classes import DATASET_DIR, FOLDER_TO_LABEL, LABEL_TO_FOLDER
 from cxr.errors import CxrError
-from cxr.images import IMAGE_SUFFIXES, load_grey
+from cxr.images import (
+    IMAGE_SUFFIXES,
+    ImageRejected,
+    content_hash,
+    decode_grey,
+    perceptual_hash,
+    resize,
+)
 from cxr.io import atomic_path, progress, read_json, write_json
 
 SPLITS = ("train", "val", "test")
+TOPUP_LABEL = "pneumonia"
+ORIGINS = ("database", "user", "topup")  # priority when keeping one of several copies
+THUMB = 32
 
 
 class DataError(CxrError):
@@ -35,6 +58,10 @@ class DataError(CxrError):
 class Item:
     path: Path
     label: str
+    origin: str = "database"
+
+
+# ---------------------------------------------------------------------------- index
 
 
 def _class_root(root: Path) -> Path:
@@ -43,14 +70,39 @@ def _class_root(root: Path) -> Path:
     return nested if nested.is_dir() else root
 
 
-def _images_in(folder: Path) -> list[Path]:
-    # Both layouts: <Class>/images/*.png (current) and <Class>/*.png (older versions).
+def _files_in(folder: Path) -> list[Path]:
+    # Both layouts: <Class>/images/*.png (current) and <Class>/*.png (older versions). Every
+    # file is listed, whatever its name, so that a non-image is rejected with a reason.
     where = folder / "images" if (folder / "images").is_dir() else folder
-    return sorted(p for p in where.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in where.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
-def index_images(raw: Path, extra: list[Path], classes: list[str]) -> list[Item]:
-    """List the images of `classes` in `raw` (required) and the `extra` folders (optional)."""
+def topup_files(raw: Path, mode: str) -> list[Path]:
+    """Pneumonia films of the paediatric set: `viral` (all splits, `virus` in the name) or
+    `all` (what the study read: train/PNEUMONIA, viral and bacterial)."""
+    root = raw / "chest_xray"
+    if not root.is_dir():
+        raise DataError(
+            f"prepare.balance is 'top-up' but {root} does not exist: set data.topup to "
+            "'viral' or 'all' so that download fetches the top-up set."
+        )
+    splits = ("train", "val", "test") if mode == "viral" else ("train",)
+    files = []
+    for split in splits:
+        folder = root / split / "PNEUMONIA"
+        if folder.is_dir():
+            files += [
+                p
+                for p in sorted(folder.iterdir())
+                if p.suffix.lower() in IMAGE_SUFFIXES and (mode == "all" or "virus" in p.name)
+            ]
+    return files
+
+
+def index_images(
+    raw: Path, extra: list[Path], classes: list[str], topup: str | None = None
+) -> list[Item]:
+    """List the files of `classes` in `raw` (required), `extra` (optional) and the top-up."""
     items: list[Item] = []
     base = _class_root(raw)
     found = sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
@@ -63,82 +115,330 @@ def index_images(raw: Path, extra: list[Path], classes: list[str]) -> list[Item]
                 f"{base}; found: {', '.join(found) or 'nothing'}. Set data.classes to the "
                 f"classes present (here: {present}) to train on a subset."
             )
-        items += [Item(p, label) for p in _images_in(folder)]
+        items += [Item(p, label) for p in _files_in(folder)]
     for root in extra:
         base = _class_root(root)
         for label in classes:
             folder = base / LABEL_TO_FOLDER[label]
             if folder.is_dir():
-                items += [Item(p, label) for p in _images_in(folder)]
-    counts = Counter(item.label for item in items)
-    empty = [label for label in classes if counts[label] == 0]
-    if empty:
-        raise DataError(f"No images found for class(es) {empty} under {raw}.")
+                items += [Item(p, label, "user") for p in _files_in(folder)]
+    if topup and TOPUP_LABEL in classes:
+        items += [Item(p, TOPUP_LABEL, "topup") for p in topup_files(raw, topup)]
     return items
 
 
-def split_items(items: list[Item], val: float, test: float, seed: int) -> list[str]:
-    """Stratified train/val/test assignment, one split name per item, reproducible by seed."""
-    labels = [item.label for item in items]
-    idx = np.arange(len(items))
-    too_small = [label for label, n in Counter(labels).items() if n < 3]
-    if too_small:
-        raise DataError(f"Class(es) {too_small} have fewer than 3 images: cannot split.")
-    rest, test_idx = train_test_split(idx, test_size=test, stratify=labels, random_state=seed)
-    train_idx, val_idx = train_test_split(
-        rest, test_size=val / (1 - test), stratify=[labels[i] for i in rest], random_state=seed
+# ---------------------------------------------------------------------------- scan
+
+_scratch: np.ndarray | None = None
+
+
+def _open_scratch(path: str) -> None:
+    global _scratch
+    _scratch = np.load(path, mmap_mode="r+")
+
+
+def _scan_one(job: tuple[int, str, int, int]) -> tuple[int, str | None, str, int, bytes]:
+    """Decode file `job`, write it to the scratch row; return (row, reject reason, hashes)."""
+    row, path, size, min_size = job
+    try:
+        grey = decode_grey(path, min_size=min_size)
+    except ImageRejected as err:
+        return row, str(err), "", 0, b""
+    _scratch[row] = resize(grey, size)
+    thumb = resize(grey, THUMB)
+    return row, None, content_hash(grey), perceptual_hash(grey), thumb.tobytes()
+
+
+def scan(items: list[Item], scratch: Path, size: int, min_size: int) -> dict[str, Any]:
+    """Decode every item on all cores into `scratch` (N, size, size); return their facts."""
+    np.lib.format.open_memmap(scratch, mode="w+", dtype=np.uint8, shape=(len(items), size, size))
+    n = len(items)
+    facts = {
+        "reject": [None] * n,
+        "hash": [""] * n,
+        "phash": np.zeros(n, dtype=np.uint64),
+        "thumb": np.zeros((n, THUMB, THUMB), dtype=np.uint8),
+    }
+    jobs = [(i, str(item.path), size, min_size) for i, item in enumerate(items)]
+    workers = os.cpu_count() or 1
+    with ProcessPoolExecutor(workers, initializer=_open_scratch, initargs=(str(scratch),)) as pool:
+        results = pool.map(_scan_one, jobs, chunksize=64)
+        for row, reason, digest, phash, thumb in progress(
+            results, total=n, desc="decode", unit="img"
+        ):
+            facts["reject"][row] = reason
+            facts["hash"][row] = digest
+            if reason is None:
+                facts["phash"][row] = phash
+                facts["thumb"][row] = np.frombuffer(thumb, np.uint8).reshape(THUMB, THUMB)
+    return facts
+
+
+# ---------------------------------------------------------------------------- dedupe
+
+
+def near_duplicate_pairs(
+    phash: np.ndarray, thumbs: np.ndarray, max_bits: int, max_mad: float
+) -> list[tuple[int, int]]:
+    """Pairs (i < j) whose perceptual hashes differ in at most `max_bits` bits and whose
+    32x32 thumbnails differ by at most `max_mad` grey levels on average."""
+    pairs = []
+    n = len(phash)
+    for start in range(0, n, 512):
+        block = phash[start : start + 512]
+        dist = np.bitwise_count(block[:, None] ^ phash[None, :])
+        rows, cols = np.nonzero(dist <= max_bits)
+        keep = cols > rows + start
+        for i, j in zip(rows[keep] + start, cols[keep], strict=True):
+            diff = np.abs(thumbs[i].astype(np.int16) - thumbs[j].astype(np.int16)).mean()
+            if diff <= max_mad:
+                pairs.append((int(i), int(j)))
+    return pairs
+
+
+def _groups(n: int, pairs: list[tuple[int, int]]) -> list[int]:
+    """Union-find: a group id (its smallest member) for each of n items."""
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in pairs:
+        a, b = find(i), find(j)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    return [find(i) for i in range(n)]
+
+
+def dedupe(items: list[Item], facts: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
+    """Decide which valid items are kept; return kept indices, groups and what was found."""
+    valid = [i for i, reason in enumerate(facts["reject"]) if reason is None]
+    by_hash: dict[str, list[int]] = defaultdict(list)
+    for i in valid:
+        by_hash[facts["hash"][i]].append(i)
+    kept, duplicates, conflicts = [], [], []
+    for copies in by_hash.values():
+        labels = {items[i].label for i in copies}
+        if len(labels) > 1:
+            conflicts.append(copies)
+            continue
+        copies.sort(key=lambda i: (ORIGINS.index(items[i].origin), str(items[i].path)))
+        kept.append(copies[0])
+        if len(copies) > 1:
+            duplicates.append(copies)
+    kept.sort()
+    pairs = near_duplicate_pairs(
+        facts["phash"][kept],
+        facts["thumb"][kept],
+        cfg["near_duplicate_bits"],
+        cfg["near_duplicate_mad"],
     )
-    split = [""] * len(items)
-    for name, chosen in zip(SPLITS, (train_idx, val_idx, test_idx), strict=True):
-        for i in chosen:
-            split[i] = name
+    local = _groups(len(kept), pairs)
+    group = {kept[k]: kept[g] for k, g in enumerate(local)}
+    members: dict[int, list[int]] = defaultdict(list)
+    for i, g in group.items():
+        members[g].append(i)
+    near = [m for m in members.values() if len(m) > 1]
+    return {
+        "kept": kept,
+        "group": group,
+        "duplicates": duplicates,
+        "conflicts": conflicts,
+        "near_groups": near,
+    }
+
+
+# ---------------------------------------------------------------------------- balance
+
+
+def _take_groups(indices: list[int], group: dict[int, int], target: int, rng) -> list[int]:
+    """Whole near-duplicate groups, in random order, while they fit under `target`."""
+    by_group: dict[int, list[int]] = defaultdict(list)
+    for i in indices:
+        by_group[group[i]].append(i)
+    order = list(by_group)
+    rng.shuffle(order)
+    chosen: list[int] = []
+    for g in order:
+        if len(chosen) + len(by_group[g]) <= target:
+            chosen += by_group[g]
+    return sorted(chosen)
+
+
+def balance(
+    items: list[Item],
+    kept: list[int],
+    group: dict[int, int],
+    classes: list[str],
+    cfg: dict[str, Any],
+) -> tuple[list[int], dict[str, Any]]:
+    """Apply `cfg['balance']`; return the chosen indices and what happened, per class."""
+    rng = np.random.default_rng(cfg["seed"])
+    pool = {
+        label: [i for i in kept if items[i].label == label and items[i].origin != "topup"]
+        for label in classes
+    }
+    # A top-up film that is a near duplicate of one already in the pool adds nothing.
+    pooled_groups = {group[i] for label in classes for i in pool[label]}
+    topup = [i for i in kept if items[i].origin == "topup" and group[i] not in pooled_groups]
+    counts = {label: len(pool[label]) for label in classes}
+    strategy, target_cfg = cfg["balance"], cfg["balance_target"]
+    if strategy == "none":
+        return sorted(i for label in classes for i in pool[label]), {
+            "strategy": "none",
+            "target": None,
+            "notes": [],
+        }
+    if isinstance(target_cfg, str):
+        if target_cfg not in classes:
+            raise DataError(
+                f"prepare.balance_target is {target_cfg!r}, which is not among data.classes "
+                f"{classes}; use one of them or a number."
+            )
+        target = counts[target_cfg]
+    else:
+        target = int(target_cfg)
+    chosen, notes = [], []
+    for label in classes:
+        if counts[label] >= target:
+            chosen += _take_groups(pool[label], group, target, rng)
+            continue
+        have = list(pool[label])
+        if strategy == "top-up" and label == TOPUP_LABEL:
+            added = _take_groups(topup, group, target - len(have), rng)
+            have += added
+            notes.append(
+                f"{label}: {counts[label]} images, topped up with {len(added)} of "
+                f"{len(topup)} new films from the paediatric set (duplicates of images already "
+                f"here removed) to {len(have)}."
+            )
+        chosen += have
+        if len(have) < target:
+            notes.append(
+                f"{label}: {len(have)} images, below the target {target}; "
+                + (
+                    "no top-up set can add more. "
+                    if strategy == "top-up"
+                    else "undersampling cannot add images. "
+                )
+                + "Kept all of them; the shortfall is left to training (class weights or "
+                "oversampling inside the training split)."
+            )
+    return sorted(chosen), {"strategy": strategy, "target": target, "notes": notes}
+
+
+# ---------------------------------------------------------------------------- split
+
+
+def split_groups(
+    items: list[Item],
+    chosen: list[int],
+    group: dict[int, int],
+    val: float,
+    test: float,
+    seed: int,
+) -> dict[int, str]:
+    """Stratified train/val/test by class, moving whole near-duplicate groups."""
+    rng = np.random.default_rng(seed)
+    by_label: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
+    first_label: dict[int, str] = {}
+    for i in chosen:
+        first_label.setdefault(group[i], items[i].label)
+        by_label[first_label[group[i]]][group[i]].append(i)
+    split: dict[int, str] = {}
+    for label in sorted(by_label):
+        groups = by_label[label]
+        n = sum(len(m) for m in groups.values())
+        if n < 3:
+            raise DataError(f"Class '{label}' has {n} usable image(s): too few to split.")
+        order = list(groups)
+        rng.shuffle(order)
+        want = {"test": max(1, round(n * test)), "val": max(1, round(n * val))}
+        filled = {"test": 0, "val": 0}
+        for g in order:
+            name = next((s for s in ("test", "val") if filled[s] < want[s]), "train")
+            if name != "train":
+                filled[name] += len(groups[g])
+            for i in groups[g]:
+                split[i] = name
     return split
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+# ---------------------------------------------------------------------------- stage
+
+
+def _rel(path: Path) -> str:
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return path.as_posix()
 
 
 def prepare(
-    raw: Path, extra: list[Path], classes: list[str], cfg: dict[str, Any], out_dir: Path
+    raw: Path,
+    extra: list[Path],
+    classes: list[str],
+    cfg: dict[str, Any],
+    out_dir: Path,
+    topup: str | None = None,
 ) -> dict[str, Any]:
-    """Index, split and cache; return the dataset summary (also written as dataset.json)."""
-    items = index_images(raw, extra, classes)
-    splits = split_items(items, cfg["val_fraction"], cfg["test_fraction"], cfg["seed"])
+    """Run the whole stage; write `out_dir` atomically; return the report (as report.json)."""
+    if cfg["balance"] == "top-up" and not topup:
+        raise DataError(
+            "prepare.balance is 'top-up' but data.topup is null: set data.topup "
+            "to 'viral' or 'all' (see README, Balancing)."
+        )
+    items = index_images(raw, extra, classes, topup if cfg["balance"] == "top-up" else None)
     size = cfg["image_size"]
-    rows = []
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
-        cache = np.lib.format.open_memmap(
-            tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(len(items), size, size)
+        facts = scan(items, tmp / "scratch.npy", size, cfg["min_size"])
+        found = dedupe(items, facts, cfg)
+        chosen, balanced = balance(items, found["kept"], found["group"], classes, cfg)
+        empty = [c for c in classes if not any(items[i].label == c for i in chosen)]
+        if empty:
+            raise DataError(f"No usable images for class(es) {empty} under {raw}; see rejects.")
+        split = split_groups(
+            items, chosen, found["group"], cfg["val_fraction"], cfg["test_fraction"], cfg["seed"]
         )
-        for i, item in enumerate(progress(items, desc="decode", unit="img")):
-            cache[i] = load_grey(item.path, size)
-            rows.append(
-                {
-                    "index": i,
-                    "label": item.label,
-                    "split": splits[i],
-                    "sha256": _sha256(item.path),
-                    "path": item.path.as_posix(),
-                }
-            )
+        order = sorted(chosen, key=lambda i: (SPLITS.index(split[i]), i))
+
+        scratch = np.load(tmp / "scratch.npy", mmap_mode="r")
+        cache = np.lib.format.open_memmap(
+            tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(len(order), size, size)
+        )
+        for start in range(0, len(order), 1024):
+            cache[start : start + 1024] = scratch[order[start : start + 1024]]
         cache.flush()
-        del cache
+        del cache, scratch
+        (tmp / "scratch.npy").unlink()
+
+        rows = [
+            {
+                "index": k,
+                "label": items[i].label,
+                "split": split[i],
+                "group": found["group"][i],
+                "origin": items[i].origin,
+                "content_hash": facts["hash"][i],
+                "path": _rel(items[i].path),
+            }
+            for k, i in enumerate(order)
+        ]
         with open(tmp / "manifest.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
         fingerprint = hashlib.sha256(
-            "".join(f"{r['sha256']}:{r['label']}:{r['split']}\n" for r in rows).encode()
+            "".join(f"{r['content_hash']}:{r['label']}:{r['split']}\n" for r in rows).encode()
             + f"size={size}".encode()
         ).hexdigest()
         counts = {
-            split: {
-                label: sum(1 for r in rows if r["split"] == split and r["label"] == label)
-                for label in classes
-            }
-            for split in SPLITS
+            s: {c: sum(1 for r in rows if r["split"] == s and r["label"] == c) for c in classes}
+            for s in SPLITS
         }
         summary = {
             "classes": classes,
@@ -148,7 +448,36 @@ def prepare(
             "counts": counts,
         }
         write_json(tmp / "dataset.json", summary)
-    return summary
+
+    def paths(indices):
+        return [_rel(items[i].path) for i in indices]
+
+    found_counts = Counter(item.label for item in items if item.origin != "topup")
+    valid_counts = Counter(items[i].label for i in found["kept"] if items[i].origin != "topup")
+    return {
+        **summary,
+        "per_class": {
+            c: {
+                "found": found_counts[c],
+                "valid_unique": valid_counts[c],
+                "after_balancing": sum(counts[s][c] for s in SPLITS),
+            }
+            for c in classes
+        },
+        "topup_found": sum(1 for item in items if item.origin == "topup"),
+        "balance": balanced,
+        "rejects": [
+            {"path": _rel(items[i].path), "reason": r}
+            for i, r in enumerate(facts["reject"])
+            if r is not None
+        ],
+        "duplicates": [paths(c) for c in found["duplicates"]],
+        "conflicts": [
+            {"paths": paths(c), "labels": sorted({items[i].label for i in c})}
+            for c in found["conflicts"]
+        ],
+        "near_duplicate_groups": [paths(g) for g in found["near_groups"]],
+    }
 
 
 def load_prepared(prepared: Path) -> tuple[np.ndarray, list[dict[str, str]], dict[str, Any]]:

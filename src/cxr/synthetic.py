@@ -121,6 +121,11 @@ def phantom(label: str, index: int, size: int = 299, seed: int = 0) -> np.ndarra
     rng = _rng(seed, label, index)
     img, lungs, x, y = _anatomy(rng, size)
     img += _lesions(label, rng, x, y, lungs, size)
+    # Heel effect and scatter: smooth exposure changes across the film, different on every
+    # film, as in real radiographs (and what keeps perceptual hashes of different films apart).
+    direction = rng.uniform(0, 2 * np.pi)
+    img += rng.uniform(0.05, 0.15) * (np.cos(direction) * x + np.sin(direction) * y)
+    img += 0.04 * _smooth_noise(rng, size, size / 8)
     img += 0.025 * rng.standard_normal(img.shape)  # quantum noise
     img = np.clip(img, 0, None) ** rng.uniform(0.8, 1.25)  # exposure / film response
     img = (img - img.mean()) / (img.std() + 1e-8) * TARGET_STD + TARGET_MEAN

@@ -166,3 +166,31 @@ def find_recorded_run(path: Path) -> Any | None:
         return mlflow.MlflowClient().get_run(record["run_id"])
     except mlflow.exceptions.MlflowException:
         return None
+
+
+def log_data_report(params: dict[str, Any], report: dict[str, Any], report_dir: Path) -> None:
+    """Log prepare's report as this execution's `prepare` run (params, counts, files)."""
+    import mlflow
+
+    from cxr.params import flatten
+
+    tags = run_tags(stage="prepare", data_fingerprint=report["fingerprint"])
+    with start_run(params["mlflow"]["experiment"], "prepare", tags):
+        mlflow.log_params({f"prepare.{k}": v for k, v in flatten(params["prepare"]).items()})
+        mlflow.log_params(
+            {"data.classes": ",".join(report["classes"]), "data.topup": params["data"]["topup"]}
+        )
+        counts = {
+            f"n_{split}_{label}": n
+            for split, per in report["counts"].items()
+            for label, n in per.items()
+        }
+        mlflow.log_metrics(
+            {
+                "n_images": report["n_images"],
+                "n_rejected": len(report["rejects"]),
+                "n_conflicts": len(report["conflicts"]),
+                **counts,
+            }
+        )
+        mlflow.log_artifacts(str(report_dir), artifact_path="data_report")
