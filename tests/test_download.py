@@ -233,3 +233,39 @@ def test_synthetic_topup_has_the_paediatric_layout(tmp_path):
     assert len(list(pneumonia.glob("*_virus_*.jpeg"))) == 6
     assert len(list(pneumonia.glob("*_bacteria_*.jpeg"))) == 6
     assert info["topup"]["pneumonia"] == "viral"
+
+
+def test_encrypted_or_damaged_zip_gets_a_message(tmp_path):
+    good = tmp_path / "good.zip"
+    with zipfile.ZipFile(good, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(f"{DATASET_DIR}/COVID/images/COVID-1.png", b"x" * 5000)
+    damaged = tmp_path / "damaged.zip"
+    data = bytearray(good.read_bytes())
+    data[60:80] = b"\0" * 20  # inside the compressed entry
+    damaged.write_bytes(bytes(data))
+    encrypted = tmp_path / "encrypted.zip"
+    data = bytearray(good.read_bytes())
+    data[6] |= 0x1  # the "encrypted" flag of the local header ...
+    central = data.rfind(b"PK\x01\x02")
+    data[central + 8] |= 0x1  # ... and of the central directory
+    encrypted.write_bytes(bytes(data))
+    for archive in (damaged, encrypted):
+        with pytest.raises(DownloadError, match="cannot be unpacked|corrupt|CRC"):
+            download(
+                data_params(source="archive", archive=str(archive)),
+                tmp_path / "raw",
+                tmp_path / "d.json",
+                tmp_path / "cache",
+            )
+        assert not (tmp_path / "raw").exists()
+
+
+@needs_sample
+def test_macos_junk_and_extra_files_are_ignored(tmp_path, creds):
+    archive = zip_tree(REAL_SAMPLE, tmp_path / "mac.zip", prefix="covid19/")
+    with zipfile.ZipFile(archive, "a") as zf:
+        zf.writestr(f"__MACOSX/covid19/{DATASET_DIR}/COVID/images/._COVID-1.png", b"\0\5")
+        zf.writestr(f"covid19/{DATASET_DIR}/COVID.metadata.xlsx", b"xlsx")
+        zf.writestr(f"covid19/{DATASET_DIR}/README.md.txt", b"readme")
+    info = run_kaggle(tmp_path, FakeKaggleApi(archive))
+    assert info["files"] == {"COVID": 40, "Normal": 40, "Viral Pneumonia": 40}

@@ -23,6 +23,7 @@ import shutil
 import stat
 import time
 import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -175,14 +176,25 @@ def extract_zip(archive: Path, dest: Path) -> None:
     no links) and every CRC."""
     if not zipfile.is_zipfile(archive):
         raise DownloadError(f"{archive} is not a zip file (truncated or not an archive).")
-    with zipfile.ZipFile(archive) as zf:
-        infos = zf.infolist()
-        for info in infos:
-            _check_member(info)
-        bad = zf.testzip()
-        if bad is not None:
-            raise DownloadError(f"{archive} is corrupt: entry {bad!r} fails its CRC check.")
-        zf.extractall(dest)
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            infos = zf.infolist()
+            for info in infos:
+                _check_member(info)
+            unpacked = sum(info.file_size for info in infos)
+            free = shutil.disk_usage(dest).free
+            if unpacked > free:
+                raise DownloadError(
+                    f"{archive} unpacks to {unpacked / 2**30:.1f} GiB but only "
+                    f"{free / 2**30:.1f} GiB is free under {dest}."
+                )
+            bad = zf.testzip()
+            if bad is not None:
+                raise DownloadError(f"{archive} is corrupt: entry {bad!r} fails its CRC check.")
+            zf.extractall(dest)
+    except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError) as err:
+        # RuntimeError: encrypted entries; NotImplementedError: unsupported compression.
+        raise DownloadError(f"{archive} cannot be unpacked: {err}.") from err
 
 
 def _find_dir(root: Path, name: str) -> Path | None:

@@ -16,7 +16,7 @@ never copies an image, and near-duplicate groups never straddle train/val/test.
 5. split: stratified by class, whole groups at a time, reproducible by `seed`;
 6. cache: the kept images, copied in manifest order into `images.npy`.
 
-Memory stays flat in the dataset size: images go from the decoder to disk (memory-mapped).
+Memory stays flat in the dataset size: images go from the decoder straight to disk.
 """
 
 from __future__ import annotations
@@ -129,12 +129,45 @@ def index_images(
 
 # ---------------------------------------------------------------------------- scan
 
-_scratch: np.ndarray | None = None
+
+class RowFile:
+    """An .npy file of uint8 rows read and written with pread/pwrite, not memory-mapped:
+    the pages written stay in the OS page cache, not in any process's resident memory."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...] | None = None):
+        if shape is not None:  # create: header, then a sparse file of the full size
+            np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            self.shape, _, _ = read_header(f)
+            self.offset = f.tell()
+        self.row_bytes = int(np.prod(self.shape[1:]))
+        self.path = path
+
+    def open(self, write: bool) -> int:
+        return os.open(self.path, os.O_RDWR if write else os.O_RDONLY)
+
+    def write(self, fd: int, row: int, data: np.ndarray) -> None:
+        os.pwrite(
+            fd, np.ascontiguousarray(data, np.uint8).tobytes(), self.offset + row * self.row_bytes
+        )
+
+    def read(self, fd: int, row: int) -> bytes:
+        return os.pread(fd, self.row_bytes, self.offset + row * self.row_bytes)
+
+
+_scratch: tuple[RowFile, int] | None = None
 
 
 def _open_scratch(path: str) -> None:
     global _scratch
-    _scratch = np.load(path, mmap_mode="r+")
+    rows = RowFile(Path(path))
+    _scratch = (rows, rows.open(write=True))
 
 
 def _scan_one(job: tuple[int, str, int, int]) -> tuple[int, str | None, str, int, bytes]:
@@ -144,15 +177,16 @@ def _scan_one(job: tuple[int, str, int, int]) -> tuple[int, str | None, str, int
         grey = decode_grey(path, min_size=min_size)
     except ImageRejected as err:
         return row, str(err), "", 0, b""
-    _scratch[row] = resize(grey, size)
+    rows, fd = _scratch
+    rows.write(fd, row, resize(grey, size))
     thumb = resize(grey, THUMB)
     return row, None, content_hash(grey), perceptual_hash(grey), thumb.tobytes()
 
 
 def scan(items: list[Item], scratch: Path, size: int, min_size: int) -> dict[str, Any]:
     """Decode every item on all cores into `scratch` (N, size, size); return their facts."""
-    np.lib.format.open_memmap(scratch, mode="w+", dtype=np.uint8, shape=(len(items), size, size))
     n = len(items)
+    RowFile(scratch, (n, size, size))
     facts = {
         "reject": [None] * n,
         "hash": [""] * n,
@@ -172,6 +206,21 @@ def scan(items: list[Item], scratch: Path, size: int, min_size: int) -> dict[str
                 facts["phash"][row] = phash
                 facts["thumb"][row] = np.frombuffer(thumb, np.uint8).reshape(THUMB, THUMB)
     return facts
+
+
+def copy_rows(scratch: Path, order: list[int], out: Path, shape: tuple[int, int]) -> None:
+    """Write scratch rows `order`, in that order, as the .npy file `out`."""
+    src = RowFile(scratch)
+    dst = RowFile(out, (len(order), *shape))
+    fd_in, fd_out = src.open(write=False), dst.open(write=True)
+    try:
+        os.lseek(fd_out, dst.offset, os.SEEK_SET)
+        for start in range(0, len(order), 256):
+            chunk = b"".join(src.read(fd_in, i) for i in order[start : start + 256])
+            os.write(fd_out, chunk)
+    finally:
+        os.close(fd_in)
+        os.close(fd_out)
 
 
 # ---------------------------------------------------------------------------- dedupe
@@ -406,14 +455,7 @@ def prepare(
         )
         order = sorted(chosen, key=lambda i: (SPLITS.index(split[i]), i))
 
-        scratch = np.load(tmp / "scratch.npy", mmap_mode="r")
-        cache = np.lib.format.open_memmap(
-            tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(len(order), size, size)
-        )
-        for start in range(0, len(order), 1024):
-            cache[start : start + 1024] = scratch[order[start : start + 1024]]
-        cache.flush()
-        del cache, scratch
+        copy_rows(tmp / "scratch.npy", order, tmp / "images.npy", (size, size))
         (tmp / "scratch.npy").unlink()
 
         rows = [
