@@ -25,6 +25,7 @@ TINY = {
     "prepare.image_size": 32,
     "train.epochs": 3,
     "train.batch_size": 16,
+    "train.models": ["cnn", "cnn4_bn"],
 }
 # Commits made by tests (and by `dvc exp run`) need an identity on a bare CI machine.
 GIT_IDENTITY = {

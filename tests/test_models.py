@@ -4,20 +4,97 @@ import pytest
 
 from cxr.models import MODELS, build_model
 
+# Small, fast settings for every architecture; transfer bases from scratch (no weight hub).
+SETTINGS = {
+    "vgg16": {"weights": "none", "dense_units": 16},
+    "vgg19": {"weights": "none", "dense_units": 16},
+    "resnet50v2": {"weights": "none", "dense_units": 16},
+    "cnn": {"filters": [8, 16]},
+    "cnn4_bn": {"filters": [8, 8, 16, 16]},
+    "cnn6_bn": {"filters": [8, 8, 16, 16, 16, 16]},
+}
+
+
+def grey_batch(n=4, size=32):
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (n, size, size, 1), dtype=np.uint8), np.arange(n) % 4
+
+
+def test_every_architecture_has_settings_here():
+    assert (
+        set(SETTINGS)
+        == set(MODELS)
+        == {"vgg16", "vgg19", "resnet50v2", "cnn", "cnn4_bn", "cnn6_bn"}
+    )
+
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_builder_trains_on_raw_grey_and_reloads_in_safe_mode(name, tmp_path):
-    model = build_model(name, (32, 32, 1), 4)
+    model = build_model(name, (32, 32, 1), 4, **SETTINGS[name])
     assert model.output.dtype == "float32" and model.output.shape == (None, 4)
-    x = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 1), dtype=np.uint8)
-    y = np.arange(8) % 4
+    assert not any(isinstance(layer, keras.layers.Lambda) for layer in model.layers)
+    x, y = grey_batch()
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    before = [w.copy() for w in model.get_weights()]
     loss = model.train_on_batch(x, y)
     assert np.isfinite(loss)
+    assert any(not np.array_equal(a, b) for a, b in zip(before, model.get_weights(), strict=True))
+    probs = model.predict(x, verbose=0)
+    np.testing.assert_allclose(probs.sum(axis=1), 1, atol=1e-5)
     path = tmp_path / "m.keras"
     model.save(path)
     again = keras.saving.load_model(path, safe_mode=True)
-    np.testing.assert_allclose(model.predict(x, verbose=0), again.predict(x, verbose=0), atol=1e-6)
+    np.testing.assert_allclose(probs, again.predict(x, verbose=0), atol=1e-5)
+
+
+def test_input_is_resized_inside_the_model():
+    model = build_model("cnn", (64, 64, 1), 4, filters=[8], input_size=32)
+    assert any(isinstance(layer, keras.layers.Resizing) for layer in model.layers)
+    assert model.input_shape == (None, 64, 64, 1)
+
+
+@pytest.mark.parametrize("name", ["vgg16", "resnet50v2"])
+def test_weights_file_loads_frozen_with_the_head_trainable(name, tmp_path):
+    import keras.applications as apps
+
+    application = {"vgg16": apps.VGG16, "resnet50v2": apps.ResNet50V2}[name]
+    base = application(include_top=False, weights=None, input_shape=(32, 32, 3))
+    path = tmp_path / "base.weights.h5"
+    base.save_weights(path)
+    model = build_model(name, (32, 32, 1), 4, weights=str(path), dense_units=8)
+    inner = next(layer for layer in model.layers if isinstance(layer, keras.Model))
+    assert not inner.trainable
+    for a, b in zip(inner.get_weights(), base.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    trainable = {w.path.split("/")[0] for w in model.trainable_weights}
+    assert trainable and inner.name not in trainable
+
+
+def test_fine_tuning_unfreezes_only_the_top_layers(tmp_path):
+    import keras.applications as apps
+
+    base = apps.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
+    path = tmp_path / "vgg.weights.h5"
+    base.save_weights(path)
+    model = build_model("vgg16", (32, 32, 1), 4, weights=str(path), fine_tune_layers=4)
+    inner = next(layer for layer in model.layers if isinstance(layer, keras.Model))
+    flags = [layer.trainable for layer in inner.layers]
+    assert flags[-4:] == [True] * 4 and not any(flags[:-4])
+
+
+def test_from_scratch_vgg_is_he_initialised_and_bn_momentum_is_set():
+    vgg = build_model("vgg16", (32, 32, 1), 4, weights="none")
+    conv = next(layer for layer in vgg.layers[-6].layers if isinstance(layer, keras.layers.Conv2D))
+    fan_in = np.prod(conv.kernel.shape[:-1])
+    assert abs(np.std(conv.kernel.numpy()) - np.sqrt(2 / fan_in)) < 0.3 * np.sqrt(2 / fan_in)
+    resnet = build_model("resnet50v2", (32, 32, 1), 4, weights="none", bn_momentum=0.8)
+    inner = next(layer for layer in resnet.layers if isinstance(layer, keras.Model))
+    momenta = {
+        layer.momentum
+        for layer in inner.layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+    }
+    assert momenta == {0.8}
 
 
 def test_unknown_model_and_pooling_are_named():

@@ -51,8 +51,8 @@ def test_wrong_type_and_source_are_named(tmp_path):
 
 
 def test_model_without_settings_is_named(tmp_path):
-    path = _write(tmp_path, lambda p: p["train"].update(models=["cnn", "vgg16"]))
-    with pytest.raises(ParamsError, match="models.vgg16"):
+    path = _write(tmp_path, lambda p: p["train"].update(models=["cnn", "densenet"]))
+    with pytest.raises(ParamsError, match="models.densenet"):
         load_params(path)
 
 
@@ -63,6 +63,8 @@ def test_demo_command_passes_each_override():
     assert demo["data.source"] == "synthetic"
     pairs = [command[i + 1] for i in range(4, len(command), 2)]
     assert "data.source=synthetic" in pairs and len(pairs) == len(demo)
+    # A key params.yaml lacks is added with Hydra's "+" (DVC refuses it otherwise).
+    assert "+models.resnet50v2.epochs=12" in pairs
 
 
 def test_flatten():

@@ -102,7 +102,7 @@ def test_run_on_the_server_has_params_curves_and_model(repro):
     record = json.loads((repo / "reports" / "cnn" / "mlflow_run.json").read_text())
     exp, runs = _runs(repro["uri"])
     by_stage = {r.data.tags["cxr.stage"]: r for r in runs}
-    assert sorted(by_stage) == ["prepare", "train@cnn"] and len(runs) == 2
+    assert sorted(by_stage) == ["prepare", "train@cnn", "train@cnn4_bn"] and len(runs) == 3
     r = by_stage["train@cnn"]
     assert r.info.run_id == record["run_id"]
     assert by_stage["prepare"].data.tags["cxr.group"] == r.data.tags["cxr.group"]
@@ -144,9 +144,36 @@ def test_train_param_change_reruns_only_training(repro):
     set_params(repo, {"train.epochs": TINY["train.epochs"] + 1})
     try:
         status = json.loads(run(["dvc", "status", "--json"], repo).stdout)
-        assert set(status) == {"train@cnn"}, status
+        assert set(status) == {"train@cnn", "train@cnn4_bn"}, status
     finally:
         set_params(repo, {"train.epochs": TINY["train.epochs"]})
+
+
+def test_one_models_param_reruns_only_its_stage(repro):
+    repo = repro["repo"]
+    set_params(repo, {"models.cnn4_bn.dropout": 0.5})
+    try:
+        status = json.loads(run(["dvc", "status", "--json"], repo).stdout)
+        assert set(status) == {"train@cnn4_bn"}, status
+    finally:
+        set_params(repo, {"models.cnn4_bn.dropout": 0.3})
+
+
+def test_training_logs_its_dataset_speed_and_tensorboard(repro):
+    import mlflow
+
+    repo = repro["repo"]
+    record = json.loads((repo / "reports" / "cnn4_bn" / "mlflow_run.json").read_text())
+    client = mlflow.MlflowClient(repro["uri"])
+    r = client.get_run(record["run_id"])
+    assert r.data.metrics["param_count"] > 0 and r.data.metrics["train_images_per_second"] > 0
+    dataset = json.loads((repo / "prepared" / "dataset.json").read_text())
+    inputs = r.inputs.dataset_inputs
+    assert inputs and inputs[0].dataset.digest == dataset["fingerprint"][:16]
+    assert list((repo / "models" / "cnn4_bn" / "tensorboard").rglob("events.out.tfevents.*"))
+    assert r.data.params["runtime.dtype_policy"] == "float32"
+    metrics = json.loads((repo / "reports" / "cnn4_bn" / "train.json").read_text())
+    assert metrics["epochs_run"] == TINY["train.epochs"]
 
 
 def test_kaggle_without_credentials_fails_with_a_clear_message(tmp_path):

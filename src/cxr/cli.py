@@ -10,16 +10,18 @@ import sys
 from pathlib import Path
 
 from cxr.errors import CxrError
-from cxr.params import load_params
+from cxr.params import flatten, load_params
 
 
 def demo_command(params_path: Path = Path("params.yaml")) -> list[str]:
     """`dvc exp run --temp -S key=value ...` with params.yaml's `demo:` overrides."""
-    overrides = load_params(params_path)["demo"]
+    params = load_params(params_path)
     command = ["dvc", "exp", "run", "--temp"]
-    for key, value in overrides.items():
+    for key, value in params["demo"].items():
         text = value if isinstance(value, str) else json.dumps(value)
-        command += ["-S", f"{key}={text}"]
+        # DVC parses -S as Hydra overrides: a key params.yaml lacks is added with "+".
+        prefix = "" if key in flatten(params) else "+"
+        command += ["-S", f"{prefix}{key}={text}"]
     return command
 
 

@@ -1,8 +1,17 @@
 """The model zoo: one small builder per architecture, in one registry.
 
-Every model takes raw grey images (H, W, 1) with pixel values 0-255 and does its own scaling
-inside the graph, so a saved model needs no outside preprocessing. The softmax runs in
-float32 so that mixed precision stays numerically stable.
+Every model takes raw grey images (H, W, 1) with pixel values 0-255 and does its own
+resizing, scaling and channel handling inside the graph, with serialisable layers only (no
+`Lambda`, which safe-mode loading refuses), so a saved model needs no outside preprocessing.
+The softmax runs in float32 so that mixed precision stays numerically stable.
+
+Transfer models (`vgg16`, `vgg19`, `resnet50v2`) take `weights`: `imagenet`, `none`, or the
+path of a weights file for the base (include_top=False). With ImageNet (or file) weights the
+base is frozen and only the head trains, plus the top `fine_tune_layers` layers if set. With
+`none` the whole base trains from scratch, made trainable as measured on these phantoms
+(DESIGN §9): VGG conv kernels re-initialised He-normal (Glorot stalls at chance), and batch
+norm momentum set to `bn_momentum` (0.99 keeps the moving statistics near their initial
+values for the few hundred steps of a small run).
 """
 
 from __future__ import annotations
@@ -17,6 +26,9 @@ POOLINGS = {
     "avg": layers.GlobalAveragePooling2D,
     "flatten": layers.Flatten,
 }
+# ImageNet channel means of the "caffe" preprocessing that VGG expects (BGR order; with three
+# equal grey channels the order of the channels themselves does not matter).
+VGG_MEAN_BGR = (103.939, 116.779, 123.68)
 
 
 def _pool(x, pooling: str):
@@ -26,9 +38,19 @@ def _pool(x, pooling: str):
 
 
 def _head(x, n_classes: int, dense_units: int, dropout: float):
+    x = layers.Dropout(dropout)(x)
     x = layers.Dense(dense_units, activation="relu")(x)
     x = layers.Dropout(dropout)(x)
     return layers.Dense(n_classes, activation="softmax", dtype="float32", name="probs")(x)
+
+
+def _input(input_shape, input_size: int | None):
+    """The model's input, resized inside the graph to `input_size` when that is set."""
+    inputs = keras.Input(input_shape, name="image")
+    x = inputs
+    if input_size and input_size != input_shape[0]:
+        x = layers.Resizing(input_size, input_size, interpolation="bilinear")(x)
+    return inputs, x
 
 
 def build_cnn(
@@ -38,6 +60,7 @@ def build_cnn(
     dense_units: int = 128,
     dropout: float = 0.3,
     pooling: str = "max",
+    input_size: int | None = None,
 ) -> keras.Model:
     """A plain CNN: conv/max-pool blocks, no batch norm (the study's baseline).
 
@@ -46,8 +69,8 @@ def build_cnn(
     whole image (on the phantoms it stayed at chance where "max" reached 0.95);
     "flatten" keeps positions, at many more parameters.
     """
-    inputs = keras.Input(input_shape, name="image")
-    x = layers.Rescaling(1 / 127.5, offset=-1.0)(inputs)
+    inputs, x = _input(input_shape, input_size)
+    x = layers.Rescaling(1 / 127.5, offset=-1.0)(x)
     for f in filters:
         x = layers.Conv2D(f, 3, padding="same", activation="relu", kernel_initializer="he_normal")(
             x
@@ -57,10 +80,109 @@ def build_cnn(
     return keras.Model(inputs, _head(x, n_classes, dense_units, dropout), name="cnn")
 
 
+def _build_bn_cnn(name: str, blocks: int):
+    def build(
+        input_shape: tuple[int, int, int],
+        n_classes: int,
+        filters: list[int] | None = None,
+        dense_units: int = 128,
+        dropout: float = 0.3,
+        pooling: str = "max",
+        bn_momentum: float = 0.9,
+        input_size: int | None = None,
+    ) -> keras.Model:
+        filters = list(filters or [32 * 2 ** min(i // 2, 3) for i in range(blocks)])
+        if len(filters) != blocks:
+            raise ValueError(f"{name} has {blocks} conv blocks; got {len(filters)} filters.")
+        inputs, x = _input(input_shape, input_size)
+        x = layers.Rescaling(1 / 127.5, offset=-1.0)(x)
+        for i, f in enumerate(filters):
+            x = layers.Conv2D(f, 3, padding="same", use_bias=False, kernel_initializer="he_normal")(
+                x
+            )
+            x = layers.BatchNormalization(momentum=bn_momentum)(x)
+            x = layers.Activation("relu")(x)
+            # Pool after every block of a 4-block net, every other block of a 6-block one,
+            # so both end at the same resolution.
+            if blocks <= 4 or i % 2 == 1:
+                x = layers.MaxPooling2D()(x)
+        x = _pool(x, pooling)
+        return keras.Model(inputs, _head(x, n_classes, dense_units, dropout), name=name)
+
+    build.__name__ = f"build_{name}"
+    build.__doc__ = f"{blocks} conv blocks (conv, batch norm, ReLU), max pooling, dense head."
+    return build
+
+
+build_cnn4_bn = _build_bn_cnn("cnn4_bn", 4)
+build_cnn6_bn = _build_bn_cnn("cnn6_bn", 6)
+
+
+def _build_transfer(name: str, application, preprocess: str):
+    def build(
+        input_shape: tuple[int, int, int],
+        n_classes: int,
+        weights: str = "imagenet",
+        fine_tune_layers: int = 0,
+        dense_units: int = 256,
+        dropout: float = 0.3,
+        bn_momentum: float = 0.9,
+        pooling: str = "avg",
+        input_size: int | None = None,
+    ) -> keras.Model:
+        inputs, x = _input(input_shape, input_size)
+        size = input_size or input_shape[0]
+        x = layers.Concatenate(name="grey_to_rgb")([x, x, x])
+        from_scratch = weights in (None, "none")
+        if preprocess == "caffe" and not from_scratch:
+            x = layers.Normalization(mean=VGG_MEAN_BGR, variance=(1.0, 1.0, 1.0))(x)
+        else:  # "tf", and any base trained from scratch: scale to [-1, 1]
+            x = layers.Rescaling(1 / 127.5, offset=-1.0)(x)
+        base = application(
+            include_top=False,
+            weights=None if from_scratch else weights,
+            input_shape=(size, size, 3),
+            pooling=None,
+        )
+        if from_scratch:
+            base.trainable = True
+            for layer in base.layers:
+                if isinstance(layer, layers.Conv2D) and preprocess == "caffe":
+                    layer.kernel.assign(keras.initializers.HeNormal()(layer.kernel.shape))
+                if isinstance(layer, layers.BatchNormalization):
+                    layer.momentum = bn_momentum
+        else:
+            base.trainable = fine_tune_layers > 0
+            if fine_tune_layers > 0:
+                for layer in base.layers[:-fine_tune_layers]:
+                    layer.trainable = False
+                for layer in base.layers:  # keep ImageNet batch-norm statistics fixed
+                    if isinstance(layer, layers.BatchNormalization):
+                        layer.trainable = False
+        x = base(x, training=False if not from_scratch else None)
+        x = _pool(x, pooling)
+        return keras.Model(inputs, _head(x, n_classes, dense_units, dropout), name=name)
+
+    build.__name__ = f"build_{name}"
+    build.__doc__ = f"{name} base (keras.applications) on repeated grey channels, dense head."
+    return build
+
+
+build_vgg16 = _build_transfer("vgg16", keras.applications.VGG16, "caffe")
+build_vgg19 = _build_transfer("vgg19", keras.applications.VGG19, "caffe")
+build_resnet50v2 = _build_transfer("resnet50v2", keras.applications.ResNet50V2, "tf")
+
 # Architecture key -> builder. Builder keyword arguments are the model's params in
 # params.yaml (models.<key>), minus the training-only keys in TRAINING_KEYS.
-MODELS: dict[str, Callable[..., keras.Model]] = {"cnn": build_cnn}
-TRAINING_KEYS = ("learning_rate",)
+MODELS: dict[str, Callable[..., keras.Model]] = {
+    "vgg16": build_vgg16,
+    "vgg19": build_vgg19,
+    "resnet50v2": build_resnet50v2,
+    "cnn": build_cnn,
+    "cnn4_bn": build_cnn4_bn,
+    "cnn6_bn": build_cnn6_bn,
+}
+TRAINING_KEYS = ("learning_rate", "epochs", "batch_size")
 
 
 def build_model(

@@ -47,6 +47,19 @@ SCHEMA: dict[str, Any] = {
         "batch_size": int,
         "epochs": int,
         "early_stopping_patience": int,
+        "learning_rate": float,
+        "schedule": str,
+        "class_weight": str,
+        "augment": {
+            "rotation": float,
+            "shift": float,
+            "zoom": float,
+            "brightness": float,
+            "contrast": float,
+            "flip": bool,
+        },
+        "mixed_precision": str,
+        "jit_compile": (str, bool),
     },
     "models": dict,
     "mlflow": {"experiment": str},
@@ -121,6 +134,18 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
         raise ParamsError(
             f"params.yaml: prepare.balance is {prep['balance']!r}; expected one of {list(BALANCE)}."
         )
+    train = params["train"]
+    for key, allowed in (
+        ("schedule", ("constant", "cosine")),
+        ("class_weight", ("balanced", "none")),
+        ("mixed_precision", ("auto", "on", "off")),
+    ):
+        if train[key] not in allowed:
+            raise ParamsError(
+                f"params.yaml: train.{key} is {train[key]!r}; expected one of {list(allowed)}."
+            )
+    if train["jit_compile"] not in ("auto", True, False):
+        raise ParamsError("params.yaml: train.jit_compile must be auto, true or false.")
     for model in params["train"]["models"]:
         if model not in params["models"]:
             raise ParamsError(

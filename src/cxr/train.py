@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import keras
 import numpy as np
 
 from cxr import tracking
@@ -30,13 +31,88 @@ def split_arrays(prepared: Path, split: str) -> tuple[np.ndarray, np.ndarray, di
     return x, y, summary
 
 
-def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int):
+def make_augmenter(augment: dict[str, Any], seed: int):
+    """Keras random layers for training batches (pixel values stay 0-255), or None.
+
+    `rotation` is a fraction of a full turn, `shift` and `zoom` fractions of the image,
+    `brightness` and `contrast` fractions of the range; no left-right flip unless `flip`
+    (a radiograph's left and right differ: the heart is on one side)."""
+    layers = keras.layers
+
+    steps = []
+    if augment["rotation"]:
+        steps.append(layers.RandomRotation(augment["rotation"], fill_mode="constant", seed=seed))
+    if augment["shift"]:
+        steps.append(
+            layers.RandomTranslation(
+                augment["shift"], augment["shift"], fill_mode="constant", seed=seed + 1
+            )
+        )
+    if augment["zoom"]:
+        steps.append(layers.RandomZoom(augment["zoom"], fill_mode="constant", seed=seed + 2))
+    if augment["brightness"]:
+        steps.append(
+            layers.RandomBrightness(augment["brightness"], value_range=(0, 255), seed=seed + 3)
+        )
+    if augment["contrast"]:
+        steps.append(
+            layers.RandomContrast(augment["contrast"], value_range=(0, 255), seed=seed + 4)
+        )
+    if augment["flip"]:
+        steps.append(layers.RandomFlip("horizontal", seed=seed + 5))
+    return steps or None
+
+
+def make_dataset(
+    x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int, augment=None
+):
+    """tf.data over in-memory arrays: shuffled and augmented for training only."""
     import tensorflow as tf
 
     ds = tf.data.Dataset.from_tensor_slices((x, y))
     if shuffle:
         ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size)
+    if augment:
+
+        def apply(images, labels):
+            images = tf.cast(images, tf.float32)
+            for layer in augment:
+                images = layer(images, training=True)
+            return tf.clip_by_value(images, 0.0, 255.0), labels
+
+        ds = ds.map(apply, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def class_weights(y: np.ndarray, n_classes: int) -> dict[int, float]:
+    """'balanced' weights n / (k * count): each class weighs the same in the loss."""
+    counts = np.bincount(y, minlength=n_classes)
+    return {k: float(len(y) / (n_classes * c)) if c else 0.0 for k, c in enumerate(counts)}
+
+
+def accelerator_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Resolve `auto` for mixed precision and XLA from the visible devices; pick a strategy.
+
+    Mixed precision: bfloat16 on GPUs that have it (compute capability 8.0+), else float16;
+    off on CPU. XLA (jit_compile): on with a GPU. Several GPUs: MirroredStrategy."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    policy = "float32"
+    if cfg["mixed_precision"] == "on" or (cfg["mixed_precision"] == "auto" and gpus):
+        major = 0
+        if gpus:
+            details = tf.config.experimental.get_device_details(gpus[0])
+            major = (details.get("compute_capability") or (0, 0))[0]
+        policy = "mixed_bfloat16" if not gpus or major >= 8 else "mixed_float16"
+    jit = cfg["jit_compile"]
+    jit = bool(gpus) if jit == "auto" else bool(jit)
+    logical = tf.config.list_logical_devices("GPU")
+    strategy = (
+        tf.distribute.MirroredStrategy() if len(logical) > 1 else (tf.distribute.get_strategy())
+    )
+    return {"policy": policy, "jit_compile": jit, "strategy": strategy, "gpus": len(gpus)}
 
 
 def pinned_requirements(lock: Path = LOCK_FILE) -> list[str] | None:
@@ -109,72 +185,110 @@ def log_keras_model(model, example: np.ndarray) -> None:
         keras_save._save_example = original
 
 
+def settings_for(name: str, params: dict[str, Any]) -> tuple[dict, dict]:
+    """(training settings with the model's overrides applied, builder kwargs) of `name`."""
+    from cxr.models import TRAINING_KEYS
+
+    model_cfg = params["models"][name]
+    cfg = {**params["train"], **{k: model_cfg[k] for k in TRAINING_KEYS if k in model_cfg}}
+    return cfg, {k: v for k, v in model_cfg.items() if k not in TRAINING_KEYS}
+
+
 def train(
     name: str, params: dict[str, Any], prepared: Path, out_dir: Path, report_dir: Path
 ) -> dict[str, Any]:
-    """Train architecture `name`: model and curves in `out_dir`; history, metrics and the
-    MLflow run record in `report_dir`."""
-    import keras
+    """Train architecture `name`: model, curves and TensorBoard logs in `out_dir`; history,
+    metrics and the MLflow run record in `report_dir`."""
     import mlflow
     import tensorflow as tf
 
     from cxr.models import build_model
 
-    cfg, model_cfg = params["train"], params["models"][name]
+    cfg, builder_cfg = settings_for(name, params)
     keras.utils.set_random_seed(cfg["seed"])
     tf.config.experimental.enable_op_determinism()
+    accel = accelerator_settings(cfg)
+    keras.mixed_precision.set_dtype_policy(accel["policy"])
 
     x_train, y_train, summary = split_arrays(prepared, "train")
     x_val, y_val, _ = split_arrays(prepared, "val")
-    train_ds = make_dataset(x_train, y_train, cfg["batch_size"], True, cfg["seed"])
-    val_ds = make_dataset(x_val, y_val, cfg["batch_size"], False, cfg["seed"])
-
     classes = summary["classes"]
-    model = build_model(name, x_train.shape[1:], len(classes), **model_cfg)
-    model.compile(
-        optimizer=keras.optimizers.Adam(model_cfg["learning_rate"]),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
+    batch = cfg["batch_size"] * accel["strategy"].num_replicas_in_sync
+    augment = make_augmenter(cfg["augment"], cfg["seed"])
+    train_ds = make_dataset(x_train, y_train, batch, True, cfg["seed"], augment)
+    val_ds = make_dataset(x_val, y_val, batch, False, cfg["seed"])
+    weights = class_weights(y_train, len(classes)) if cfg["class_weight"] == "balanced" else None
+
+    with accel["strategy"].scope():
+        model = build_model(name, x_train.shape[1:], len(classes), **builder_cfg)
+        steps = cfg["epochs"] * int(np.ceil(len(x_train) / batch))
+        lr = cfg["learning_rate"]
+        if cfg["schedule"] == "cosine":
+            lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=steps)
+        model.compile(
+            optimizer=keras.optimizers.Adam(lr),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+            jit_compile=accel["jit_compile"],
+        )
 
     run_params = {
-        **{f"train.{k}": v for k, v in cfg.items() if k != "models"},
-        **{f"model.{k}": v for k, v in flatten(model_cfg).items()},
+        **{f"train.{k}": v for k, v in flatten(cfg).items() if k != "models"},
+        **{f"model.{k}": v for k, v in flatten(builder_cfg).items()},
         "model.name": name,
         "data.classes": ",".join(classes),
         "data.image_size": summary["image_size"],
         "data.n_train": len(x_train),
         "data.n_val": len(x_val),
+        "runtime.dtype_policy": accel["policy"],
+        "runtime.jit_compile": accel["jit_compile"],
+        "runtime.replicas": accel["strategy"].num_replicas_in_sync,
     }
     tags = tracking.run_tags(stage=f"train@{name}", data_fingerprint=summary["fingerprint"])
+    epoch_times = EpochTimer()
     with tracking.start_run(params["mlflow"]["experiment"], name, tags) as run:
         mlflow.log_params(run_params)
         mlflow.log_metric("param_count", model.count_params())
+        mlflow.log_input(
+            mlflow.data.from_numpy(
+                y_train,
+                source=str(prepared),
+                name="prepared-train",
+                digest=summary["fingerprint"][:16],
+            ),
+            context="training",
+        )
         started = time.perf_counter()
         fit = model.fit(
             train_ds,
             validation_data=val_ds,
             epochs=cfg["epochs"],
+            class_weight=weights,
             callbacks=[
                 keras.callbacks.EarlyStopping(
                     monitor="val_loss",
                     patience=cfg["early_stopping_patience"],
                     restore_best_weights=True,
                 ),
+                epoch_times,
                 mlflow.keras.MlflowCallback(),
+                keras.callbacks.TensorBoard(str(out_dir / "tensorboard")),
             ],
             verbose=2,
         )
         seconds = time.perf_counter() - started
         history = {k: [float(v) for v in vals] for k, vals in fit.history.items()}
         best = int(np.argmin(history["val_loss"]))
+        steady = epoch_times.seconds[1:] or epoch_times.seconds  # the first epoch compiles
         metrics = {
             "val_loss": history["val_loss"][best],
             "val_accuracy": history["val_accuracy"][best],
             "best_epoch": best + 1,
             "epochs_run": len(history["loss"]),
             "train_seconds": round(seconds, 2),
-            "train_images_per_second": round(len(x_train) * len(history["loss"]) / seconds, 1),
+            "epoch_seconds": round(float(np.median(steady)), 3),
+            "train_images_per_second": round(len(x_train) / float(np.median(steady)), 1),
+            "param_count": model.count_params(),
         }
         mlflow.log_metrics(
             {f"best_{k}" if k.startswith("val_") else k: v for k, v in metrics.items()}
@@ -186,6 +300,7 @@ def train(
         plot_curves(history, out_dir / "curves.png", f"{name}: learning curves")
         mlflow.log_artifact(str(out_dir / "curves.png"))
         mlflow.log_artifact(str(report_dir / "history.csv"))
+        mlflow.log_artifacts(str(out_dir / "tensorboard"), artifact_path="tensorboard")
 
         log_keras_model(model, x_val[:1])
         with atomic_path(out_dir / "model.keras") as tmp:
@@ -193,3 +308,17 @@ def train(
         tracking.write_run_record(report_dir / "mlflow_run.json", run)
     write_json(report_dir / "train.json", metrics)
     return metrics
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Wall seconds of each epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds: list[float] = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self._start)

@@ -1,0 +1,106 @@
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+
+from cxr.models import build_model
+from cxr.train import (
+    accelerator_settings,
+    class_weights,
+    make_augmenter,
+    make_dataset,
+    settings_for,
+)
+
+NO_AUGMENT = {
+    "rotation": 0.0,
+    "shift": 0.0,
+    "zoom": 0.0,
+    "brightness": 0.0,
+    "contrast": 0.0,
+    "flip": False,
+}
+
+
+def test_balanced_class_weights_equalise_the_classes():
+    y = np.array([0] * 60 + [1] * 30 + [2] * 10)
+    w = class_weights(y, 3)
+    totals = [w[k] * np.sum(y == k) for k in range(3)]
+    assert np.allclose(totals, totals[0])
+    assert w[2] > w[1] > w[0]
+
+
+def test_model_overrides_win_for_that_model_only():
+    params = {
+        "train": {"epochs": 30, "learning_rate": 1e-3, "batch_size": 32},
+        "models": {"resnet50v2": {"weights": "none", "epochs": 12}, "cnn": {"filters": [8]}},
+    }
+    cfg, builder = settings_for("resnet50v2", params)
+    assert cfg["epochs"] == 12 and builder == {"weights": "none"}
+    cfg, builder = settings_for("cnn", params)
+    assert cfg["epochs"] == 30 and builder == {"filters": [8]}
+
+
+def test_augmentation_changes_training_batches_only():
+    x = np.tile(np.linspace(0, 255, 32, dtype=np.uint8), (16, 32, 1))[..., None]
+    y = np.arange(16) % 4
+    assert make_augmenter(NO_AUGMENT, 0) is None
+    augment = make_augmenter({**NO_AUGMENT, "rotation": 0.05, "shift": 0.1, "contrast": 0.2}, 0)
+    xb, yb = next(iter(make_dataset(x, y, 16, False, 0, augment)))
+    xb = xb.numpy()
+    assert xb.min() >= 0 and xb.max() <= 255
+    assert not np.allclose(xb, x)
+    assert np.array_equal(yb.numpy(), y)
+    xv, _ = next(iter(make_dataset(x, y, 16, False, 0)))
+    assert np.array_equal(xv.numpy(), x)
+
+
+def test_cpu_defaults_to_float32_without_xla():
+    accel = accelerator_settings({"mixed_precision": "auto", "jit_compile": "auto"})
+    assert accel["policy"] == "float32" and accel["jit_compile"] is False
+    assert accel["strategy"].num_replicas_in_sync == 1
+    forced = accelerator_settings({"mixed_precision": "on", "jit_compile": True})
+    assert forced["policy"] == "mixed_bfloat16" and forced["jit_compile"] is True
+
+
+@pytest.mark.parametrize("name", ["cnn4_bn", "resnet50v2"])
+def test_mixed_precision_and_xla_train_a_step_on_cpu(name):
+    keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
+    try:
+        kwargs = {"weights": "none", "dense_units": 8} if name == "resnet50v2" else {}
+        model = build_model(name, (32, 32, 1), 4, **kwargs)
+        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", jit_compile=True)
+        x = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 1)).astype(np.uint8)
+        loss = model.train_on_batch(x, np.arange(8) % 4)
+        assert np.isfinite(loss)
+        assert model.output.dtype == "float32"
+        assert any(layer.compute_dtype == "bfloat16" for layer in model.layers)
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+
+
+def test_mirrored_strategy_on_two_logical_cpus_trains_an_epoch():
+    # Logical devices must be set before TensorFlow starts: run in a fresh interpreter.
+    script = textwrap.dedent("""
+        import numpy as np, tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        from cxr.models import build_model
+        from cxr.train import make_dataset
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        with strategy.scope():
+            model = build_model("cnn4_bn", (32, 32, 1), 4, filters=[8, 8, 8, 8])
+            model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+        x = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 1)).astype(np.uint8)
+        history = model.fit(make_dataset(x, np.arange(64) % 4, 16, True, 0), epochs=1, verbose=0)
+        print("replicas", strategy.num_replicas_in_sync, "loss", history.history["loss"][0])
+    """)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "replicas 2 loss" in out.stdout
