@@ -189,3 +189,57 @@ def test_kaggle_without_credentials_fails_with_a_clear_message(tmp_path):
     assert "error: No Kaggle credentials found" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (repo / "raw").exists()
+
+
+def test_killed_training_resumes_into_the_same_run(tmp_path, mlflow_server):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import mlflow
+
+    repo = copy_repo(tmp_path / "repo")
+    epochs = 40
+    set_params(
+        repo,
+        {
+            **TINY,
+            "train.models": ["cnn"],
+            "train.epochs": epochs,
+            "train.early_stopping_patience": 100,
+        },
+    )
+    env = {"MLFLOW_TRACKING_URI": mlflow_server}
+    run(["dvc", "repro", "prepare"], repo, env=env)
+
+    from tests.conftest import BIN, GIT_IDENTITY
+
+    proc = subprocess.Popen(
+        [str(BIN / "python"), "stages/train.py", "cnn"],
+        cwd=repo,
+        start_new_session=True,
+        env={**os.environ, **GIT_IDENTITY, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    backups = repo / ".cache" / "checkpoints"
+    while not list(backups.glob("cnn-*/state.json")):
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint was written"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # as a crash or a pre-empted machine would
+    proc.wait()
+    killed_run = next(backups.glob("cnn-*/run_id")).read_text()
+    assert not (repo / "models" / "cnn" / "model.keras").exists()
+
+    out = run(["dvc", "repro", "train@cnn"], repo, env=env).stdout
+    assert f"resuming MLflow run {killed_run}" in out
+    assert f"Epoch 1/{epochs}\n" not in out  # it did not start over
+    record = json.loads((repo / "reports" / "cnn" / "mlflow_run.json").read_text())
+    assert record["run_id"] == killed_run
+    history = mlflow.MlflowClient(mlflow_server).get_metric_history(killed_run, "val_loss")
+    assert sorted({m.step for m in history}) == list(range(epochs))
+    lines = (repo / "reports" / "cnn" / "history.csv").read_text().splitlines()
+    assert len(lines) == epochs + 1
+    assert not list(backups.iterdir())  # the checkpoint is removed after success

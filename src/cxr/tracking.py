@@ -126,13 +126,20 @@ def run_tags(stage: str, data_fingerprint: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def start_run(experiment: str, run_name: str, tags: dict[str, str]) -> Iterator[Any]:
-    """Start this stage's own run in the group; an `mlflow run` parent becomes its parent."""
+def start_run(
+    experiment: str, run_name: str, tags: dict[str, str], run_id: str | None = None
+) -> Iterator[Any]:
+    """Start this stage's own run in the group (or resume `run_id`, a killed training's run);
+    an `mlflow run` parent becomes its parent."""
     import mlflow
 
     experiment_id = setup_experiment(experiment)
     parent = os.environ.pop("MLFLOW_RUN_ID", None)
     try:
+        if run_id is not None:
+            with mlflow.start_run(run_id=run_id) as run:
+                yield run
+            return
         with mlflow.start_run(
             experiment_id=experiment_id, run_name=run_name, tags=tags, parent_run_id=parent
         ) as run:
@@ -155,17 +162,21 @@ def write_run_record(path: Path, run: Any) -> None:
     )
 
 
-def find_recorded_run(path: Path) -> Any | None:
-    """The MLflow run named by a run record, or None when the current store does not hold it
-    (its outputs came from DVC's run-cache or another store)."""
+def find_run(run_id: str) -> Any | None:
+    """The run `run_id` in the current store, or None when the store does not hold it."""
     import mlflow
 
-    record = read_json(path)
     mlflow.set_tracking_uri(tracking_uri())
     try:
-        return mlflow.MlflowClient().get_run(record["run_id"])
+        return mlflow.MlflowClient().get_run(run_id)
     except mlflow.exceptions.MlflowException:
         return None
+
+
+def find_recorded_run(path: Path) -> Any | None:
+    """The MLflow run named by a run record, or None when the current store does not hold it
+    (a clone may point at another store)."""
+    return find_run(read_json(path)["run_id"])
 
 
 def log_data_report(params: dict[str, Any], report: dict[str, Any], report_dir: Path) -> None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -12,7 +15,7 @@ import keras
 import numpy as np
 
 from cxr import tracking
-from cxr.io import atomic_path, write_json
+from cxr.io import atomic_path, read_json, write_json
 from cxr.params import flatten
 from cxr.prepare import load_prepared
 
@@ -219,18 +222,34 @@ def train(
     val_ds = make_dataset(x_val, y_val, batch, False, cfg["seed"])
     weights = class_weights(y_train, len(classes)) if cfg["class_weight"] == "balanced" else None
 
+    # A killed training resumes from its last complete epoch, into the same MLflow run. The
+    # checkpoint lives under the user's repository (not in the stage's outputs, which a `dvc
+    # exp run --temp` copy would take with it), keyed by everything that shapes the training.
+    key = hashlib.sha256(
+        json.dumps([name, cfg, builder_cfg, summary["fingerprint"]], sort_keys=True).encode()
+    ).hexdigest()[:16]
+    checkpoint = tracking.repo_root() / ".cache" / "checkpoints" / f"{name}-{key}"
+    resumed = (checkpoint / "run_id").read_text() if (checkpoint / "run_id").is_file() else None
     with accel["strategy"].scope():
-        model = build_model(name, x_train.shape[1:], len(classes), **builder_cfg)
+        restored, epochs_done, history = load_checkpoint(checkpoint)
+    if resumed and (restored is None or tracking.find_run(resumed) is None):
+        shutil.rmtree(checkpoint)  # nothing usable to resume, or its run is not in this store
+        restored, epochs_done, history, resumed = None, 0, {}, None
+    checkpoint.mkdir(parents=True, exist_ok=True)
+
+    with accel["strategy"].scope():
+        model = restored or build_model(name, x_train.shape[1:], len(classes), **builder_cfg)
         steps = cfg["epochs"] * int(np.ceil(len(x_train) / batch))
         lr = cfg["learning_rate"]
         if cfg["schedule"] == "cosine":
             lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=steps)
-        model.compile(
-            optimizer=keras.optimizers.Adam(lr),
-            loss="sparse_categorical_crossentropy",
-            metrics=["accuracy"],
-            jit_compile=accel["jit_compile"],
-        )
+        if restored is None:  # a restored model comes compiled, with its optimizer state
+            model.compile(
+                optimizer=keras.optimizers.Adam(lr),
+                loss="sparse_categorical_crossentropy",
+                metrics=["accuracy"],
+                jit_compile=accel["jit_compile"],
+            )
 
     run_params = {
         **{f"train.{k}": v for k, v in flatten(cfg).items() if k != "models"},
@@ -246,7 +265,10 @@ def train(
     }
     tags = tracking.run_tags(stage=f"train@{name}", data_fingerprint=summary["fingerprint"])
     epoch_times = EpochTimer()
-    with tracking.start_run(params["mlflow"]["experiment"], name, tags) as run:
+    with tracking.start_run(params["mlflow"]["experiment"], name, tags, run_id=resumed) as run:
+        (checkpoint / "run_id").write_text(run.info.run_id)
+        if resumed:
+            print(f"train@{name}: resuming MLflow run {resumed} after epoch {epochs_done}")
         mlflow.log_params(run_params)
         mlflow.log_metric("param_count", model.count_params())
         mlflow.log_input(
@@ -263,6 +285,7 @@ def train(
             train_ds,
             validation_data=val_ds,
             epochs=cfg["epochs"],
+            initial_epoch=epochs_done,
             class_weight=weights,
             callbacks=[
                 keras.callbacks.EarlyStopping(
@@ -271,27 +294,33 @@ def train(
                     restore_best_weights=True,
                 ),
                 epoch_times,
+                EpochCheckpoint(checkpoint, history),
                 mlflow.keras.MlflowCallback(),
                 keras.callbacks.TensorBoard(str(out_dir / "tensorboard")),
             ],
             verbose=2,
         )
         seconds = time.perf_counter() - started
-        history = {k: [float(v) for v in vals] for k, vals in fit.history.items()}
+        if not history:  # no epoch ran (already complete): keras' own record
+            history = {k: [float(v) for v in vals] for k, vals in fit.history.items()}
         best = int(np.argmin(history["val_loss"]))
         steady = epoch_times.seconds[1:] or epoch_times.seconds  # the first epoch compiles
+        # Deterministic figures go to DVC's metrics (a rerun gives an empty metrics diff);
+        # timings vary run to run and go to MLflow only.
         metrics = {
             "val_loss": history["val_loss"][best],
             "val_accuracy": history["val_accuracy"][best],
             "best_epoch": best + 1,
             "epochs_run": len(history["loss"]),
+            "param_count": model.count_params(),
+        }
+        timing = {
             "train_seconds": round(seconds, 2),
             "epoch_seconds": round(float(np.median(steady)), 3),
             "train_images_per_second": round(len(x_train) / float(np.median(steady)), 1),
-            "param_count": model.count_params(),
         }
         mlflow.log_metrics(
-            {f"best_{k}" if k.startswith("val_") else k: v for k, v in metrics.items()}
+            {f"best_{k}" if k.startswith("val_") else k: v for k, v in metrics.items()} | timing
         )
 
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -307,7 +336,45 @@ def train(
             model.save(tmp)
         tracking.write_run_record(report_dir / "mlflow_run.json", run)
     write_json(report_dir / "train.json", metrics)
-    return metrics
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    return metrics | timing
+
+
+def load_checkpoint(folder: Path) -> tuple[Any, int, dict[str, list[float]]]:
+    """(model with optimizer state, epochs done, history so far) of a killed training, or
+    (None, 0, {}) when there is none or it cannot be read."""
+    state_path = folder / "state.json"
+    if not state_path.is_file():
+        return None, 0, {}
+    state = read_json(state_path)
+    try:
+        model = keras.saving.load_model(folder / state["model"])
+    except Exception as err:  # an unreadable checkpoint means: start over
+        print(f"checkpoint {folder} unreadable ({err}); training from the start")
+        return None, 0, {}
+    return model, state["epochs_done"], state["history"]
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """After every epoch, save the model (with its optimizer state) and the history so far,
+    each atomically: a kill at any moment leaves the last complete epoch to resume from."""
+
+    def __init__(self, folder: Path, history: dict[str, list[float]]):
+        super().__init__()
+        self.folder, self.history = folder, history
+
+    def on_epoch_end(self, epoch, logs=None):
+        for key, value in (logs or {}).items():
+            if key != "learning_rate":
+                self.history.setdefault(key, []).append(float(value))
+        path = self.folder / f"epoch-{epoch + 1}.keras"
+        with atomic_path(path) as tmp:
+            self.model.save(tmp)
+        state = {"epochs_done": epoch + 1, "model": path.name, "history": self.history}
+        write_json(self.folder / "state.json", state)
+        for old in self.folder.glob("epoch-*.keras"):
+            if old != path:
+                old.unlink()
 
 
 class EpochTimer(keras.callbacks.Callback):
