@@ -104,3 +104,13 @@ def test_mirrored_strategy_on_two_logical_cpus_trains_an_epoch():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "replicas 2 loss" in out.stdout
+
+
+def test_oversampling_draws_smaller_classes_up_from_their_own_images():
+    from cxr.train import oversample
+
+    y = np.array([0] * 50 + [1] * 20 + [2] * 5)
+    keep = oversample(y, 3, seed=0)
+    assert np.bincount(y[keep]).tolist() == [50, 50, 50]
+    assert set(np.flatnonzero(y == 0)) <= set(keep)  # every image at least once
+    assert np.array_equal(keep, oversample(y, 3, seed=0))

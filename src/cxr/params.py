@@ -49,7 +49,7 @@ SCHEMA: dict[str, Any] = {
         "early_stopping_patience": int,
         "learning_rate": float,
         "schedule": str,
-        "class_weight": str,
+        "imbalance": str,
         "augment": {
             "rotation": float,
             "shift": float,
@@ -137,7 +137,7 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     train = params["train"]
     for key, allowed in (
         ("schedule", ("constant", "cosine")),
-        ("class_weight", ("balanced", "none")),
+        ("imbalance", ("class_weight", "oversample", "none")),
         ("mixed_precision", ("auto", "on", "off")),
     ):
         if train[key] not in allowed:

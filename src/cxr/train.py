@@ -94,6 +94,21 @@ def class_weights(y: np.ndarray, n_classes: int) -> dict[int, float]:
     return {k: float(len(y) / (n_classes * c)) if c else 0.0 for k, c in enumerate(counts)}
 
 
+def oversample(y: np.ndarray, n_classes: int, seed: int) -> np.ndarray:
+    """Indices that draw every class of `y` up to the largest class's count: each image once,
+    then random repeats of the smaller classes' own images (training split only)."""
+    rng = np.random.default_rng(seed)
+    counts = np.bincount(y, minlength=n_classes)
+    top = counts.max()
+    chosen = []
+    for k in range(n_classes):
+        members = np.flatnonzero(y == k)
+        if len(members):
+            extra = rng.choice(members, top - len(members), replace=True)
+            chosen.append(np.concatenate([members, extra]))
+    return np.sort(np.concatenate(chosen))
+
+
 def accelerator_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     """Resolve `auto` for mixed precision and XLA from the visible devices; pick a strategy.
 
@@ -217,10 +232,15 @@ def train(
     x_val, y_val, _ = split_arrays(prepared, "val")
     classes = summary["classes"]
     batch = cfg["batch_size"] * accel["strategy"].num_replicas_in_sync
+    weights = None
+    if cfg["imbalance"] == "class_weight":
+        weights = class_weights(y_train, len(classes))
+    elif cfg["imbalance"] == "oversample":
+        keep = oversample(y_train, len(classes), cfg["seed"])
+        x_train, y_train = x_train[keep], y_train[keep]
     augment = make_augmenter(cfg["augment"], cfg["seed"])
     train_ds = make_dataset(x_train, y_train, batch, True, cfg["seed"], augment)
     val_ds = make_dataset(x_val, y_val, batch, False, cfg["seed"])
-    weights = class_weights(y_train, len(classes)) if cfg["class_weight"] == "balanced" else None
 
     # A killed training resumes from its last complete epoch, into the same MLflow run. The
     # checkpoint lives under the user's repository (not in the stage's outputs, which a `dvc
