@@ -1,4 +1,5 @@
-"""train@<model>: fit one architecture; model and run record in models/<model>/."""
+"""train@<model>: fit one architecture; model in models/<model>/, metrics, history and the
+MLflow run record in reports/<model>/."""
 
 import argparse
 import os

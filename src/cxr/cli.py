@@ -16,11 +16,12 @@ from cxr.params import flatten, load_params
 def demo_command(params_path: Path = Path("params.yaml")) -> list[str]:
     """`dvc exp run --temp -S key=value ...` with params.yaml's `demo:` overrides."""
     params = load_params(params_path)
+    known = flatten(params)
     command = ["dvc", "exp", "run", "--temp"]
     for key, value in params["demo"].items():
         text = value if isinstance(value, str) else json.dumps(value)
         # DVC parses -S as Hydra overrides: a key params.yaml lacks is added with "+".
-        prefix = "" if key in flatten(params) else "+"
+        prefix = "" if key in known else "+"
         command += ["-S", f"{prefix}{key}={text}"]
     return command
 
