@@ -83,6 +83,15 @@ def run_kaggle(tmp_path, api, **overrides):
     )
 
 
+def run_archive(tmp_path, archive):
+    return download(
+        data_params(source="archive", archive=str(archive)),
+        tmp_path / "raw",
+        tmp_path / "d.json",
+        tmp_path / "cache",
+    )
+
+
 @needs_sample
 def test_kaggle_download_unpacks_records_and_caches(tmp_path, creds, sample_zip):
     api = FakeKaggleApi(sample_zip)
@@ -180,12 +189,7 @@ def _evil_zip(path: Path, name: str, link: bool = False) -> Path:
 def test_hostile_entries_are_refused(tmp_path, entry, link, message):
     archive = _evil_zip(tmp_path / "evil.zip", entry, link)
     with pytest.raises(DownloadError, match=message):
-        download(
-            data_params(source="archive", archive=str(archive)),
-            tmp_path / "raw",
-            tmp_path / "d.json",
-            tmp_path / "cache",
-        )
+        run_archive(tmp_path, archive)
     assert not (tmp_path / "raw").exists()
     assert not (tmp_path.parent / "evil.png").exists()
 
@@ -194,32 +198,17 @@ def test_truncated_and_foreign_archives(tmp_path):
     truncated = tmp_path / "t.zip"
     truncated.write_bytes(b"PK\x03\x04 not really")
     with pytest.raises(DownloadError, match="not a zip file"):
-        download(
-            data_params(source="archive", archive=str(truncated)),
-            tmp_path / "raw",
-            tmp_path / "d.json",
-            tmp_path / "cache",
-        )
+        run_archive(tmp_path, truncated)
     other = tmp_path / "other"
     (other / "cats").mkdir(parents=True)
     with pytest.raises(DownloadError, match="not in the Kaggle layout"):
-        download(
-            data_params(source="archive", archive=str(other)),
-            tmp_path / "raw",
-            tmp_path / "d.json",
-            tmp_path / "cache",
-        )
+        run_archive(tmp_path, other)
     assert not (tmp_path / "raw").exists()
 
 
 @needs_sample
 def test_archive_folder_is_copied_never_moved(tmp_path):
-    info = download(
-        data_params(source="archive", archive=str(REAL_SAMPLE)),
-        tmp_path / "raw",
-        tmp_path / "d.json",
-        tmp_path / "cache",
-    )
+    info = run_archive(tmp_path, REAL_SAMPLE)
     assert info["files"]["Viral Pneumonia"] == 40
     assert (REAL_SAMPLE / DATASET_DIR / "COVID").is_dir()
 
@@ -251,12 +240,7 @@ def test_encrypted_or_damaged_zip_gets_a_message(tmp_path):
     encrypted.write_bytes(bytes(data))
     for archive in (damaged, encrypted):
         with pytest.raises(DownloadError, match="cannot be unpacked|corrupt|CRC"):
-            download(
-                data_params(source="archive", archive=str(archive)),
-                tmp_path / "raw",
-                tmp_path / "d.json",
-                tmp_path / "cache",
-            )
+            run_archive(tmp_path, archive)
         assert not (tmp_path / "raw").exists()
 
 

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from cxr.classes import DATASET_DIR, LABELS
+from cxr.data_report import write_data_report
 from cxr.images import load_grey
 from cxr.prepare import DataError, index_images, load_prepared, prepare
 from cxr.synthetic import write_dataset, write_topup
@@ -118,9 +119,6 @@ def test_planted_trouble_is_handled_and_reported(planted, tmp_path):
     assert len(near) == 1 and len(near[0]) == 2
     splits = {r["split"] for r in rows if r["path"] in near[0]}
     assert len(splits) == 1  # a group never straddles splits
-
-    md = tmp_path / "report.md"
-    from cxr.data_report import write_data_report
 
     write_data_report(report, tmp_path / "p", tmp_path / "report")
     md = (tmp_path / "report" / "report.md").read_text()

@@ -252,24 +252,23 @@ def train(
     resumed = (checkpoint / "run_id").read_text() if (checkpoint / "run_id").is_file() else None
     with accel["strategy"].scope():
         restored, epochs_done, history = load_checkpoint(checkpoint)
-    if resumed and (restored is None or tracking.find_run(resumed) is None):
-        shutil.rmtree(checkpoint)  # nothing usable to resume, or its run is not in this store
-        restored, epochs_done, history, resumed = None, 0, {}, None
-    checkpoint.mkdir(parents=True, exist_ok=True)
-
-    with accel["strategy"].scope():
-        model = restored or build_model(name, x_train.shape[1:], len(classes), **builder_cfg)
-        steps = cfg["epochs"] * int(np.ceil(len(x_train) / batch))
-        lr = cfg["learning_rate"]
-        if cfg["schedule"] == "cosine":
-            lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=steps)
-        if restored is None:  # a restored model comes compiled, with its optimizer state
+        if resumed and (restored is None or tracking.find_run(resumed) is None):
+            shutil.rmtree(checkpoint)  # nothing usable to resume, or its run is not in this store
+            restored, epochs_done, history, resumed = None, 0, {}, None
+        model = restored  # a restored model comes compiled, with its optimizer state
+        if model is None:
+            model = build_model(name, x_train.shape[1:], len(classes), **builder_cfg)
+            lr = cfg["learning_rate"]
+            if cfg["schedule"] == "cosine":
+                steps = cfg["epochs"] * int(np.ceil(len(x_train) / batch))
+                lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=steps)
             model.compile(
                 optimizer=keras.optimizers.Adam(lr),
                 loss="sparse_categorical_crossentropy",
                 metrics=["accuracy"],
                 jit_compile=accel["jit_compile"],
             )
+    checkpoint.mkdir(parents=True, exist_ok=True)
 
     run_params = {
         **{f"train.{k}": v for k, v in flatten(cfg).items() if k != "models"},
