@@ -154,3 +154,14 @@ def synthetic_raw(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("raw")
     write_dataset(root, per_class=12, size=64)
     return root
+
+
+@pytest.fixture(scope="session")
+def repro(tmp_path_factory, mlflow_server):
+    """`dvc repro` twice in a tiny copy of the repository, against the test server."""
+    repo = copy_repo(tmp_path_factory.mktemp("repro"))
+    set_params(repo, TINY)
+    env = {"MLFLOW_TRACKING_URI": mlflow_server}
+    first = run(["dvc", "repro"], repo, env=env)
+    second = run(["dvc", "repro"], repo, env=env)
+    return {"repo": repo, "uri": mlflow_server, "first": first, "second": second, "env": env}

@@ -66,6 +66,7 @@ def test_weights_file_loads_frozen_with_the_head_trainable(name, tmp_path):
     assert not inner.trainable
     for a, b in zip(inner.get_weights(), base.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
+    assert len(inner.layers) == len(base.layers)  # loaded weights keep the original graph
     trainable = {w.path.split("/")[0] for w in model.trainable_weights}
     assert trainable and inner.name not in trainable
 
@@ -82,19 +83,25 @@ def test_fine_tuning_unfreezes_only_the_top_layers(tmp_path):
     assert flags[-4:] == [True] * 4 and not any(flags[:-4])
 
 
-def test_from_scratch_vgg_is_he_initialised_and_bn_momentum_is_set():
-    vgg = build_model("vgg16", (32, 32, 1), 4, weights="none")
-    conv = next(layer for layer in vgg.layers[-6].layers if isinstance(layer, keras.layers.Conv2D))
+def test_from_scratch_vgg_gets_batch_norm_and_he_init_and_bn_momentum_is_set():
+    vgg = build_model("vgg16", (32, 32, 1), 4, weights="none", bn_momentum=0.8)
+    inner = next(layer for layer in vgg.layers if isinstance(layer, keras.Model))
+    kinds = [type(layer).__name__ for layer in inner.layers[1:4]]
+    assert kinds == ["Conv2D", "BatchNormalization", "Activation"]
+    convs = [layer for layer in inner.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert len(convs) == 13 and not any(conv.use_bias for conv in convs)
+    conv = convs[-1]
     fan_in = np.prod(conv.kernel.shape[:-1])
     assert abs(np.std(conv.kernel.numpy()) - np.sqrt(2 / fan_in)) < 0.3 * np.sqrt(2 / fan_in)
     resnet = build_model("resnet50v2", (32, 32, 1), 4, weights="none", bn_momentum=0.8)
-    inner = next(layer for layer in resnet.layers if isinstance(layer, keras.Model))
-    momenta = {
-        layer.momentum
-        for layer in inner.layers
-        if isinstance(layer, keras.layers.BatchNormalization)
-    }
-    assert momenta == {0.8}
+    for model in (vgg, resnet):
+        inner = next(layer for layer in model.layers if isinstance(layer, keras.Model))
+        momenta = {
+            layer.momentum
+            for layer in inner.layers
+            if isinstance(layer, keras.layers.BatchNormalization)
+        }
+        assert momenta == {0.8}
 
 
 def test_unknown_model_and_pooling_are_named():

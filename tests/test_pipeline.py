@@ -41,16 +41,6 @@ def demo(tmp_path_factory):
     return {"repo": repo, "params_before": before, "first": first, "second": second}
 
 
-@pytest.fixture(scope="module")
-def repro(tmp_path_factory, mlflow_server):
-    repo = copy_repo(tmp_path_factory.mktemp("repro"))
-    set_params(repo, TINY)
-    env = {"MLFLOW_TRACKING_URI": mlflow_server}
-    first = run(["dvc", "repro"], repo, env=env)
-    second = run(["dvc", "repro"], repo, env=env)
-    return {"repo": repo, "uri": mlflow_server, "first": first, "second": second, "env": env}
-
-
 def test_demo_leaves_params_and_git_unchanged(demo):
     repo = demo["repo"]
     assert (repo / "params.yaml").read_text() == demo["params_before"]
@@ -102,7 +92,9 @@ def test_run_on_the_server_has_params_curves_and_model(repro):
     record = json.loads((repo / "reports" / "cnn" / "mlflow_run.json").read_text())
     exp, runs = _runs(repro["uri"])
     by_stage = {r.data.tags["cxr.stage"]: r for r in runs}
-    assert sorted(by_stage) == ["prepare", "train@cnn", "train@cnn4_bn"] and len(runs) == 3
+    # evaluate adds to the training runs; compare has its own run (register: the registry)
+    assert sorted(by_stage) == ["compare", "prepare", "train@cnn", "train@cnn4_bn"]
+    assert len(runs) == 4
     r = by_stage["train@cnn"]
     assert r.info.run_id == record["run_id"]
     assert by_stage["prepare"].data.tags["cxr.group"] == r.data.tags["cxr.group"]

@@ -42,6 +42,30 @@ def demo(args: argparse.Namespace) -> int:
     return code
 
 
+def predict(args: argparse.Namespace) -> int:
+    """Classify image files with the registered champion (or another model URI or a local
+    .keras file); print one JSON line per file. Exit status 1 if any file was refused."""
+    from cxr import tracking
+    from cxr.serving import load_classifier, predict_files
+
+    if not args.model.endswith(".keras"):
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking.tracking_uri())
+    classes = load_params()["data"]["classes"] if args.model.endswith(".keras") else None
+    try:
+        predict_fn = load_classifier(args.model, classes)
+    except Exception as err:  # MLflow says which part of the URI it could not resolve
+        raise CxrError(
+            f"cannot load model {args.model!r} from {tracking.redact(tracking.tracking_uri())}: "
+            f"{err}. Run the pipeline first (`make demo` or `dvc repro`), or pass --model."
+        ) from err
+    results = predict_files(predict_fn, args.images)
+    for result in results:
+        print(json.dumps(result))
+    return 1 if any("error" in r for r in results) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cxr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -49,6 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print the dvc command only")
     p.add_argument("dvc_args", nargs=argparse.REMAINDER, help="extra `dvc exp run` arguments")
     p.set_defaults(func=demo)
+    p = sub.add_parser("predict", help="classify radiograph files (PNG/JPEG)")
+    p.add_argument("images", nargs="+", type=Path, help="image files")
+    p.add_argument(
+        "--model",
+        default="models:/cxr-classifier@champion",
+        help="a model URI in the MLflow store, or a .keras file (default: %(default)s)",
+    )
+    p.set_defaults(func=predict)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -8,6 +8,7 @@ duplicates.
 from __future__ import annotations
 
 import hashlib
+import io
 import warnings
 from pathlib import Path
 
@@ -48,15 +49,21 @@ def to_grey_uint8(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("L"), dtype=np.uint8)
 
 
-def decode_grey(path: str | Path, min_size: int = 1, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Decode and validate one file; raise ImageRejected with the reason when unusable."""
-    path = Path(path)
-    if path.stat().st_size == 0:
+def decode_grey(
+    source: str | Path | bytes, min_size: int = 1, max_pixels: int = MAX_PIXELS
+) -> np.ndarray:
+    """Decode and validate one file (a path, or its bytes); raise ImageRejected with the reason
+    when unusable."""
+    if isinstance(source, bytes):
+        empty, opened = not source, io.BytesIO(source)
+    else:
+        empty, opened = Path(source).stat().st_size == 0, Path(source)
+    if empty:
         raise ImageRejected("empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(opened) as img:
                 width, height = img.size
                 if width * height > max_pixels:
                     raise ImageRejected(
@@ -87,9 +94,10 @@ def resize(grey: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(grey).resize((size, size), Image.BILINEAR))
 
 
-def load_grey(path: str | Path, size: int) -> np.ndarray:
-    """Decode an image file to a (size, size) uint8 grey array."""
-    return resize(decode_grey(path), size)
+def load_grey(source: str | Path | bytes, size: int) -> np.ndarray:
+    """Decode an image file (a path, or its bytes) to a (size, size) uint8 grey array: what
+    prepare caches, and what `cxr predict` and the served model feed the network."""
+    return resize(decode_grey(source), size)
 
 
 def content_hash(grey: np.ndarray) -> str:

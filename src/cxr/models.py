@@ -9,9 +9,9 @@ Transfer models (`vgg16`, `vgg19`, `resnet50v2`) take `weights`: `imagenet`, `no
 path of a weights file for the base (include_top=False). With ImageNet (or file) weights the
 base is frozen and only the head trains, plus the top `fine_tune_layers` layers if set. With
 `none` the whole base trains from scratch, made trainable as measured on these phantoms
-(DESIGN §9): VGG conv kernels re-initialised He-normal (Glorot stalls at chance), and batch
-norm momentum set to `bn_momentum` (0.99 keeps the moving statistics near their initial
-values for the few hundred steps of a small run).
+(DESIGN §9): VGG gets batch norm after each conv (He-normal kernels; see `_with_batch_norm`),
+and batch norm momentum is `bn_momentum` (0.99 keeps the moving statistics near their
+initial values for the few hundred steps of a small run).
 """
 
 from __future__ import annotations
@@ -118,6 +118,27 @@ build_cnn4_bn = _build_bn_cnn("cnn4_bn", 4)
 build_cnn6_bn = _build_bn_cnn("cnn6_bn", 6)
 
 
+def _with_batch_norm(base: keras.Model, bn_momentum: float) -> keras.Model:
+    """A VGG base rebuilt for training from scratch: the same conv/pool layout, each conv
+    He-normal without bias, followed by batch norm and ReLU.
+
+    Plain VGG from scratch (Glorot kernels, no batch norm) stayed at chance on the phantoms;
+    He-normal alone moved it slowly (0.25-0.43 after 8-15 epochs); with batch norm VGG16
+    reached 0.87 validation accuracy in 12 epochs at 64 px. Never used with loaded weights."""
+    inputs = keras.Input(base.input_shape[1:])
+    x = inputs
+    for layer in base.layers[1:]:
+        config = layer.get_config()
+        if isinstance(layer, layers.Conv2D):
+            config.update(activation=None, use_bias=False, kernel_initializer="he_normal")
+            x = layers.Conv2D.from_config(config)(x)
+            x = layers.BatchNormalization(momentum=bn_momentum, name=f"{layer.name}_bn")(x)
+            x = layers.Activation("relu", name=f"{layer.name}_relu")(x)
+        else:
+            x = layer.__class__.from_config(config)(x)
+    return keras.Model(inputs, x, name=f"{base.name}_bn")
+
+
 def _build_transfer(name: str, application, preprocess: str):
     def build(
         input_shape: tuple[int, int, int],
@@ -144,11 +165,10 @@ def _build_transfer(name: str, application, preprocess: str):
             input_shape=(size, size, 3),
             pooling=None,
         )
-        if from_scratch:
-            base.trainable = True
+        if from_scratch and preprocess == "caffe":
+            base = _with_batch_norm(base, bn_momentum)
+        elif from_scratch:
             for layer in base.layers:
-                if isinstance(layer, layers.Conv2D) and preprocess == "caffe":
-                    layer.kernel.assign(keras.initializers.HeNormal()(layer.kernel.shape))
                 if isinstance(layer, layers.BatchNormalization):
                     layer.momentum = bn_momentum
         else:

@@ -62,6 +62,16 @@ SCHEMA: dict[str, Any] = {
         "jit_compile": (str, bool),
     },
     "models": dict,
+    "evaluate": {
+        "batch_size": int,
+        "bootstrap": int,
+        "ci_level": float,
+        "calibration_bins": int,
+        "gradcam_per_class": int,
+        "seed": int,
+    },
+    "compare": {"metric": str},
+    "register": {"model_name": str, "force": bool},
     "mlflow": {"experiment": str},
     "demo": dict,
 }

@@ -149,7 +149,7 @@ def start_run(
             os.environ["MLFLOW_RUN_ID"] = parent
 
 
-def write_run_record(path: Path, run: Any) -> None:
+def write_run_record(path: Path, run: Any, **extra: Any) -> None:
     write_json(
         path,
         {
@@ -158,6 +158,7 @@ def write_run_record(path: Path, run: Any) -> None:
             "run_name": run.info.run_name,
             "tracking_uri": redact(tracking_uri()),
             "group": run.data.tags.get("cxr.group"),
+            **extra,
         },
     )
 

@@ -133,16 +133,18 @@ def accelerator_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"policy": policy, "jit_compile": jit, "strategy": strategy, "gpus": len(gpus)}
 
 
-def pinned_requirements(lock: Path = LOCK_FILE) -> list[str] | None:
-    """`name==version` lines of MODEL_REQUIREMENTS from the lock file (None if absent)."""
+def pinned_requirements(
+    names: tuple[str, ...] = MODEL_REQUIREMENTS, lock: Path = LOCK_FILE
+) -> list[str] | None:
+    """`name==version` lines of `names` from the lock file (None if absent)."""
     if not lock.is_file():
         return None
     pins = {}
     for line in lock.read_text().splitlines():
         name, sep, _ = line.partition("==")
-        if sep and name.strip().lower() in MODEL_REQUIREMENTS:
+        if sep and name.strip().lower() in names:
             pins[name.strip().lower()] = line.strip()
-    return [pins[name] for name in MODEL_REQUIREMENTS if name in pins]
+    return [pins[name] for name in names if name in pins]
 
 
 def plot_curves(history: dict[str, list[float]], path: Path, title: str) -> None:
@@ -176,8 +178,9 @@ def write_history(history: dict[str, list[float]], path: Path) -> None:
             writer.writerow([epoch + 1, *(f"{history[k][epoch]:.6g}" for k in keys)])
 
 
-def log_keras_model(model, example: np.ndarray) -> None:
-    """`mlflow.keras.log_model` with a signature, an input example and pinned requirements."""
+def log_keras_model(model, example: np.ndarray) -> str:
+    """`mlflow.keras.log_model` with a signature, an input example and pinned requirements;
+    return the logged model's id."""
     import mlflow
     from mlflow.keras import save as keras_save
     from mlflow.models import infer_signature
@@ -192,7 +195,7 @@ def log_keras_model(model, example: np.ndarray) -> None:
 
     keras_save._save_example = save_example
     try:
-        mlflow.keras.log_model(
+        info = mlflow.keras.log_model(
             model,
             name="model",
             signature=infer_signature(example, model.predict(example, verbose=0)),
@@ -201,6 +204,7 @@ def log_keras_model(model, example: np.ndarray) -> None:
         )
     finally:
         keras_save._save_example = original
+    return info.model_id
 
 
 def settings_for(name: str, params: dict[str, Any]) -> tuple[dict, dict]:
@@ -350,10 +354,10 @@ def train(
         mlflow.log_artifact(str(report_dir / "history.csv"))
         mlflow.log_artifacts(str(out_dir / "tensorboard"), artifact_path="tensorboard")
 
-        log_keras_model(model, x_val[:1])
+        model_id = log_keras_model(model, x_val[:1])
         with atomic_path(out_dir / "model.keras") as tmp:
             model.save(tmp)
-        tracking.write_run_record(report_dir / "mlflow_run.json", run)
+        tracking.write_run_record(report_dir / "mlflow_run.json", run, model_id=model_id)
     write_json(report_dir / "train.json", metrics)
     shutil.rmtree(checkpoint, ignore_errors=True)
     return metrics | timing

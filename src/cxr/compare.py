@@ -1,0 +1,181 @@
+"""The compare stage: one table of every evaluated architecture, a chart with the bootstrap
+intervals, a paired test between the best two, and the champion by a params metric."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxr import tracking
+from cxr.errors import CxrError
+from cxr.evaluate import read_predictions
+from cxr.io import atomic_path, read_json, write_json
+from cxr.metrics import mcnemar
+
+METRICS = ("macro_f1", "accuracy", "balanced_accuracy", "roc_auc_macro")
+TIMINGS = ("train_seconds", "epoch_seconds", "train_images_per_second")
+
+
+def collect(models: list[str], evaluation: Path) -> list[dict[str, Any]]:
+    """One row per model: test metrics with intervals, parameter count, and the training
+    timings of its MLflow run (NaN when this store does not hold the run)."""
+    rows = []
+    for name in models:
+        folder = evaluation / name
+        if not (folder / "test.json").is_file():
+            raise CxrError(
+                f"compare: {folder / 'test.json'} is missing; run `dvc repro evaluate@{name}` "
+                "(or remove the model from train.models)."
+            )
+        test, run = read_json(folder / "test.json"), read_json(folder / "run.json")
+        found = tracking.find_run(run["run_id"])
+        timings = {k: (found.data.metrics.get(k, math.nan) if found else math.nan) for k in TIMINGS}
+        rows.append(
+            {
+                "model": name,
+                **{k: v for k, v in test.items() if not isinstance(v, dict | list)},
+                "param_count": run["param_count"],
+                **timings,
+                "run_id": run["run_id"],
+                "model_id": run.get("model_id"),
+                "data_fingerprint": found.data.tags.get("cxr.data_fingerprint") if found else None,
+            }
+        )
+    return rows
+
+
+def rank(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """Best first by `metric`; ties go to the smaller model, then the name."""
+    if metric not in METRICS:
+        raise CxrError(f"compare.metric is {metric!r}; expected one of {list(METRICS)}.")
+    return sorted(rows, key=lambda r: (-r[metric], r["param_count"], r["model"]))
+
+
+def _interval(row: dict[str, Any], key: str) -> str:
+    if f"{key}_ci_low" in row:
+        return f"{row[key]:.3f} [{row[f'{key}_ci_low']:.3f}, {row[f'{key}_ci_high']:.3f}]"
+    return f"{row[key]:.3f}"
+
+
+def markdown(ranked: list[dict], metric: str, paired: dict | None, level: float) -> str:
+    champion = ranked[0]
+    lines = [
+        "# Model comparison (test split)",
+        "",
+        f"Champion by `{metric}`: **{champion['model']}** ({champion[metric]:.3f}). "
+        f"Brackets: {level:.0%} bootstrap intervals over {champion['n_test']} test images.",
+        "",
+        "| rank | model | macro-F1 | accuracy | balanced acc. | ROC-AUC | ECE | params "
+        "| train s | images/s |",
+        "|---:|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for i, r in enumerate(ranked, 1):
+        lines.append(
+            f"| {i} | {r['model']} | {_interval(r, 'macro_f1')} | {_interval(r, 'accuracy')} "
+            f"| {r['balanced_accuracy']:.3f} | {r['roc_auc_macro']:.3f} | {r['ece']:.3f} "
+            f"| {r['param_count']:,} | {r['train_seconds']:.0f} "
+            f"| {r['train_images_per_second']:.0f} |"
+        )
+    if paired:
+        a, b = ranked[0]["model"], ranked[1]["model"]
+        verdict = (
+            "a difference unlikely to be chance"
+            if paired["p_value"] < 0.05
+            else "no evidence that they differ (p >= 0.05): the choice between them is a toss-up"
+        )
+        lines += [
+            "",
+            f"Paired test (exact McNemar, same test images): {a} alone right on "
+            f"{paired['a_only_correct']}, {b} alone right on {paired['b_only_correct']}; "
+            f"p = {paired['p_value']:.3g}, {verdict}.",
+        ]
+    lines += [
+        "",
+        "Timings come from the training runs in MLflow and vary run to run; the metrics do not.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(ranked: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["model"] for r in ranked]
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(1.4 * len(names) + 2, 4))
+    for offset, key in ((-0.2, "macro_f1"), (0.2, "accuracy")):
+        values = np.array([r[key] for r in ranked])
+        errors = np.array(
+            [[r[key] - r[f"{key}_ci_low"], r[f"{key}_ci_high"] - r[key]] for r in ranked]
+        )
+        ax.bar(x + offset, values, 0.4, yerr=errors.T, capsize=3, label=key)
+    ax.axhline(0.25, color="grey", ls=":", lw=1, label="chance (4 classes)")
+    ax.set_xticks(x, names)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("test score (95% bootstrap interval)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
+def compare(params: dict[str, Any], evaluation: Path, out_dir: Path) -> dict[str, Any]:
+    """Write table.md, table.csv, chart.png and summary.json (the champion) in `out_dir`;
+    log them as this execution's `compare` run."""
+    import mlflow
+
+    metric = params["compare"]["metric"]
+    models = params["train"]["models"]
+    ranked = rank(collect(models, evaluation), metric)
+    classes = params["data"]["classes"]
+    paired = None
+    if len(ranked) > 1:
+        a, b = ranked[0]["model"], ranked[1]["model"]
+        y_a, p_a, paths_a = read_predictions(evaluation / a / "predictions.csv", classes)
+        _, p_b, paths_b = read_predictions(evaluation / b / "predictions.csv", classes)
+        if paths_a != paths_b:
+            raise CxrError(
+                f"compare: {a} and {b} were evaluated on different test images; rerun "
+                "`dvc repro` so that every model is evaluated on the current split."
+            )
+        paired = mcnemar(y_a, p_a.argmax(axis=1), p_b.argmax(axis=1))
+    champion = ranked[0]
+    summary = {
+        "metric": metric,
+        "champion": champion["model"],
+        "value": champion[metric],
+        "run_id": champion["run_id"],
+        "model_id": champion["model_id"],
+        "data_fingerprint": champion["data_fingerprint"],
+        "classes": classes,
+        "ranking": [{"model": r["model"], metric: r[metric]} for r in ranked],
+        "runner_up": ranked[1]["model"] if paired else None,
+        "mcnemar": paired,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    level = params["evaluate"]["ci_level"]
+    with atomic_path(out_dir / "table.md") as tmp:
+        tmp.write_text(markdown(ranked, metric, paired, level))
+    with atomic_path(out_dir / "table.csv") as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(ranked[0]))
+        writer.writeheader()
+        writer.writerows(ranked)
+    plot(ranked, out_dir / "chart.png")
+    write_json(out_dir / "summary.json", summary)
+
+    tags = tracking.run_tags("compare", champion["data_fingerprint"] or "")
+    with tracking.start_run(params["mlflow"]["experiment"], "compare", tags):
+        mlflow.log_params({"compare.metric": metric, "compare.models": ",".join(models)})
+        mlflow.set_tags({"cxr.champion": champion["model"], "cxr.champion_run": champion["run_id"]})
+        mlflow.log_metrics({f"{r['model']}_{metric}": r[metric] for r in ranked})
+        if paired:
+            mlflow.log_metric("mcnemar_p_value", paired["p_value"])
+        mlflow.log_artifacts(str(out_dir), artifact_path="comparison")
+    return summary

@@ -1,0 +1,280 @@
+"""The evaluate stage: score one trained architecture on the test split and add the results
+(metrics, figures, per-image predictions) to its training run in MLflow.
+
+MLflow refuses to change a logged param, so evaluation adds metrics and files only; the
+metrics are linked to the run's logged model and to the test dataset.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxr import tracking
+from cxr.errors import CxrError
+from cxr.io import atomic_path, read_json, write_json
+from cxr.metrics import bootstrap_ci, calibration, scores
+from cxr.train import split_arrays
+
+
+def grad_cam(model, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(heatmaps in [0, 1] at the images' size, probabilities) for the predicted class.
+
+    The feature map is the last 4-D output of the model's top-level graph: the base's output
+    for the transfer models, the last conv block for the CNNs."""
+    import keras
+    import tensorflow as tf
+
+    target = [layer for layer in model.layers if len(layer.output.shape) == 4][-1]
+    # The tensor of the layer's call in this graph: for a nested base model, `.output` is
+    # the base's own output, which is not connected to this model's inputs.
+    features = target._inbound_nodes[-1].output_tensors[0]
+    grad_model = keras.Model(model.inputs, [features, model.output])
+    x = tf.convert_to_tensor(images, tf.float32)
+    with tf.GradientTape() as tape:
+        features, probs = grad_model(x, training=False)
+        features = tf.cast(features, tf.float32)
+        chosen = tf.argmax(probs, axis=1)
+        # log-probability: its gradient does not vanish when the softmax saturates
+        score = tf.math.log(tf.gather(probs, chosen, batch_dims=1) + 1e-7)
+    grads = tape.gradient(score, features)
+    weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
+    cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))
+    cam = cam / (tf.reduce_max(cam, axis=(1, 2), keepdims=True) + 1e-7)
+    cam = tf.image.resize(cam[..., None], images.shape[1:3], method="bilinear")[..., 0]
+    return cam.numpy(), probs.numpy()
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_confusion(conf: np.ndarray, classes: list[str], path: Path, title: str) -> None:
+    """Counts and row-normalised (recall) confusion matrices side by side."""
+    plt = _plt()
+    rows = conf.sum(axis=1, keepdims=True)
+    normalised = np.divide(conf, rows, out=np.zeros(conf.shape), where=rows > 0)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    for ax, data, label, fmt in (
+        (axes[0], conf, "counts", "{:d}"),
+        (axes[1], normalised, "normalised by actual class", "{:.2f}"),
+    ):
+        ax.imshow(data, cmap="Blues", vmin=0)
+        for (i, j), value in np.ndenumerate(data):
+            dark = value > data.max() / 2
+            ax.text(
+                j,
+                i,
+                fmt.format(value),
+                ha="center",
+                va="center",
+                color="white" if dark else "black",
+            )
+        ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
+        ax.set_yticks(range(len(classes)), classes)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("actual")
+        ax.set_title(label)
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
+def plot_reliability(cal: dict[str, Any], path: Path, title: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.8, 4.6))
+    bins = cal["bins"]
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    ax.bar(
+        [b["confidence"] for b in bins],
+        [b["accuracy"] for b in bins],
+        width=0.08,
+        alpha=0.7,
+        label="accuracy per confidence bin",
+    )
+    for b in bins:
+        ax.annotate(str(b["count"]), (b["confidence"], b["accuracy"]), ha="center", va="bottom")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("confidence (top probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{title}\nECE {cal['ece']:.3f}")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
+def plot_grad_cam(
+    images: np.ndarray,
+    cams: np.ndarray,
+    probs: np.ndarray,
+    y: np.ndarray,
+    classes: list[str],
+    path: Path,
+    title: str,
+) -> None:
+    """One row per class: each image with its heatmap, titled actual / predicted (prob)."""
+    plt = _plt()
+    per_row = max(np.bincount(y, minlength=len(classes)).max(), 1)
+    fig, axes = plt.subplots(
+        len(classes), per_row, figsize=(2.2 * per_row, 2.4 * len(classes)), squeeze=False
+    )
+    for ax in axes.ravel():
+        ax.axis("off")
+    column = dict.fromkeys(range(len(classes)), 0)
+    for image, cam, p, label in zip(images, cams, probs, y, strict=True):
+        ax = axes[label, column[label]]
+        column[label] += 1
+        ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=255)
+        ax.imshow(cam, cmap="jet", alpha=0.35, vmin=0, vmax=1)
+        guess = int(p.argmax())
+        mark = "" if guess == label else " (wrong)"
+        ax.set_title(f"{classes[label]}\n-> {classes[guess]} {p[guess]:.2f}{mark}", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
+def write_predictions(
+    path: Path, y: np.ndarray, probs: np.ndarray, classes: list[str], rows: list[dict]
+) -> None:
+    """One line per test image: actual, predicted, confidence and every class probability
+    (`dvc plots` draws the confusion matrix from actual/predicted; compare reads it)."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "actual", "predicted", "confidence", *(f"p_{c}" for c in classes)])
+        for row, label, p in zip(rows, y, probs, strict=True):
+            guess = int(p.argmax())
+            writer.writerow(
+                [row["path"], classes[label], classes[guess], f"{p[guess]:.6f}"]
+                + [f"{v:.6f}" for v in p]
+            )
+
+
+def read_predictions(path: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(labels, probabilities, image paths) from a predictions CSV written above."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    index = {c: i for i, c in enumerate(classes)}
+    y = np.array([index[r["actual"]] for r in rows], dtype=np.int64)
+    probs = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows])
+    return y, probs, [r["path"] for r in rows]
+
+
+def test_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str], cfg: dict) -> dict:
+    """The metrics JSON of one model: headline figures with bootstrap intervals, calibration,
+    per-class figures and the confusion counts."""
+    result = scores(y, probs, classes)
+    ci = bootstrap_ci(
+        y, probs.argmax(axis=1), len(classes), cfg["bootstrap"], cfg["ci_level"], cfg["seed"]
+    )
+    cal = calibration(probs, y, cfg["calibration_bins"])
+    headline = {}
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc_macro"):
+        headline[key] = result[key]
+        if key in ci:
+            headline[f"{key}_ci_low"], headline[f"{key}_ci_high"] = ci[key]
+    return {
+        "n_test": result["n"],
+        **headline,
+        "ece": cal["ece"],
+        "per_class": result["per_class"],
+        "confusion": result["confusion"],
+        "calibration_bins": cal["bins"],
+    }
+
+
+def _test_rows(prepared: Path) -> list[dict]:
+    from cxr.prepare import load_prepared
+
+    return [r for r in load_prepared(prepared)[1] if r["split"] == "test"]
+
+
+def evaluate(
+    name: str,
+    params: dict[str, Any],
+    prepared: Path,
+    model_path: Path,
+    run_record: Path,
+    out_dir: Path,
+) -> dict[str, Any]:
+    """Score `name` on the test split; write test.json, predictions.csv, run.json (the
+    training run and logged model) and figures/ in `out_dir`; log all of it into the model's
+    training run."""
+    import keras
+    import mlflow
+
+    cfg = params["evaluate"]
+    record = read_json(run_record)
+    run = tracking.find_run(record["run_id"])
+    if run is None:
+        raise CxrError(
+            f"evaluate@{name}: the training run {record['run_id']} is not in the MLflow store "
+            f"{tracking.redact(tracking.tracking_uri())} (was it trained against another store?). "
+            f"Retrain it here with `dvc repro -f train@{name}`, or set MLFLOW_TRACKING_URI to "
+            "the store it was trained against."
+        )
+    x, y, summary = split_arrays(prepared, "test")
+    classes = summary["classes"]
+    model = keras.saving.load_model(model_path)  # safe mode: no code runs from the file
+    probs = model.predict(x, batch_size=cfg["batch_size"], verbose=0).astype(np.float64)
+    metrics = test_metrics(y, probs, classes, cfg)
+
+    figure_dir = out_dir / "figures"
+    figure_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "run.json", record | {"param_count": model.count_params()})
+    write_predictions(out_dir / "predictions.csv", y, probs, classes, _test_rows(prepared))
+    write_json(out_dir / "test.json", metrics)
+    conf = np.array(metrics["confusion"])
+    plot_confusion(conf, classes, figure_dir / "confusion.png", f"{name}: test confusion")
+    plot_reliability(
+        {"ece": metrics["ece"], "bins": metrics["calibration_bins"]},
+        figure_dir / "reliability.png",
+        f"{name}: reliability",
+    )
+    # Grad-CAM: the first few test images of each class (the same ones for every model).
+    chosen = np.concatenate(
+        [np.flatnonzero(y == k)[: cfg["gradcam_per_class"]] for k in range(len(classes))]
+    )
+    cams, cam_probs = grad_cam(model, x[chosen])
+    plot_grad_cam(
+        x[chosen],
+        cams,
+        cam_probs,
+        y[chosen],
+        classes,
+        figure_dir / "gradcam.png",
+        f"{name}: where the model looks (Grad-CAM, predicted class)",
+    )
+
+    flat = {k: v for k, v in metrics.items() if isinstance(v, float)}
+    for c, figures in metrics["per_class"].items():
+        flat.update({f"{k}_{c}": v for k, v in figures.items() if k != "support"})
+    dataset = mlflow.data.from_numpy(
+        y, source=str(prepared), name="prepared-test", digest=summary["fingerprint"][:16]
+    )
+    with tracking.start_run(params["mlflow"]["experiment"], name, {}, run_id=record["run_id"]):
+        mlflow.log_input(dataset, context="test")
+        mlflow.log_metrics(
+            {f"test_{k}": v for k, v in flat.items()},
+            model_id=record.get("model_id"),
+            dataset=dataset,
+        )
+        mlflow.log_artifacts(str(figure_dir), artifact_path="evaluation/figures")
+        mlflow.log_artifact(str(out_dir / "test.json"), artifact_path="evaluation")
+        mlflow.log_artifact(str(out_dir / "predictions.csv"), artifact_path="evaluation")
+    return metrics

@@ -1,0 +1,114 @@
+"""Test-set statistics from labels and predicted probabilities: plain numpy and scikit-learn,
+no TensorFlow, so evaluate, compare and register share them and tests check them fast.
+
+Every function takes integer labels `y` (n,) in range(k) and either predicted labels (n,) or
+probabilities (n, k).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def confusion(y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
+    """(k, k) counts, rows = actual, columns = predicted."""
+    return np.bincount(y * k + pred, minlength=k * k).reshape(k, k)
+
+
+def _f1_from_confusions(conf: np.ndarray) -> np.ndarray:
+    """Per-class F1 of one (k, k) or many (b, k, k) confusion matrices (0 where undefined,
+    as scikit-learn's zero_division=0)."""
+    tp = np.diagonal(conf, axis1=-2, axis2=-1).astype(np.float64)
+    denominator = conf.sum(axis=-1) + conf.sum(axis=-2)  # 2 tp + fn + fp
+    return np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
+
+
+def scores(y: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """Accuracy, balanced accuracy, macro-F1, one-vs-rest ROC-AUC and per-class figures."""
+    from sklearn.metrics import precision_recall_fscore_support, roc_auc_score
+
+    k = len(classes)
+    pred = probs.argmax(axis=1)
+    conf = confusion(y, pred, k)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y, pred, labels=list(range(k)), zero_division=0
+    )
+    auc = {}
+    for i, c in enumerate(classes):
+        positives = y == i
+        if 0 < positives.sum() < len(y):  # AUC needs both kinds of example
+            auc[c] = float(roc_auc_score(positives, probs[:, i]))
+    present = support > 0
+    return {
+        "n": int(len(y)),
+        "accuracy": float(np.mean(pred == y)),
+        "balanced_accuracy": float(recall[present].mean()),
+        "macro_f1": float(f1.mean()),
+        "roc_auc_macro": float(np.mean(list(auc.values()))) if auc else float("nan"),
+        "per_class": {
+            c: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+                **({"roc_auc": auc[c]} if c in auc else {}),
+            }
+            for i, c in enumerate(classes)
+        },
+        "confusion": conf.tolist(),
+    }
+
+
+def bootstrap_ci(
+    y: np.ndarray,
+    pred: np.ndarray,
+    k: int,
+    resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals of accuracy and macro-F1 (test images resampled with
+    replacement, `resamples` times, seeded: the same inputs give the same interval)."""
+    rng = np.random.default_rng(seed)
+    n = len(y)
+    draws = rng.integers(0, n, size=(resamples, n))
+    accuracy = (y[draws] == pred[draws]).mean(axis=1)
+    codes = y[draws] * k + pred[draws] + np.arange(resamples)[:, None] * k * k
+    confs = np.bincount(codes.ravel(), minlength=resamples * k * k).reshape(resamples, k, k)
+    macro_f1 = _f1_from_confusions(confs).mean(axis=1)
+    tails = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
+    return {
+        "accuracy": tuple(float(v) for v in np.percentile(accuracy, tails)),
+        "macro_f1": tuple(float(v) for v in np.percentile(macro_f1, tails)),
+    }
+
+
+def calibration(probs: np.ndarray, y: np.ndarray, bins: int = 10) -> dict[str, Any]:
+    """Expected calibration error over equal-width confidence bins, and the bins themselves
+    (mean confidence, accuracy, count) for a reliability diagram."""
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == y
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    table = []
+    ece = 0.0
+    for b in range(bins):
+        members = which == b
+        count = int(members.sum())
+        if count:
+            conf_b, acc_b = float(confidence[members].mean()), float(correct[members].mean())
+            ece += abs(acc_b - conf_b) * count / len(y)
+            table.append({"bin": b, "confidence": conf_b, "accuracy": acc_b, "count": count})
+    return {"ece": float(ece), "bins": table}
+
+
+def mcnemar(y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray) -> dict[str, Any]:
+    """Exact McNemar test of two classifiers on the same images: of the images exactly one of
+    them gets right, is the split further from 50/50 than chance would make it?"""
+    from scipy.stats import binomtest
+
+    a_only = int(np.sum((pred_a == y) & (pred_b != y)))
+    b_only = int(np.sum((pred_a != y) & (pred_b == y)))
+    p = binomtest(a_only, a_only + b_only, 0.5).pvalue if a_only + b_only else 1.0
+    return {"a_only_correct": a_only, "b_only_correct": b_only, "p_value": float(p)}

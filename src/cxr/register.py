@@ -1,0 +1,246 @@
+"""The register stage: the champion into the MLflow Model Registry, behind a gate.
+
+The champion's Keras model is logged once into its training run as the `classifier` pyfunc
+(see serving.py) and registered as a version of `register.model_name`. The `champion` alias
+moves to it only when it scores at least as well as the current champion re-scored on the
+current test split, and never across different class sets, unless `register.force`. A rerun
+finds the version it registered before (by run id) and creates no duplicate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxr import tracking
+from cxr.io import atomic_path, read_json, write_json
+from cxr.metrics import scores
+from cxr.train import pinned_requirements, split_arrays
+
+ALIAS = "champion"
+# What the served pyfunc needs besides the lock file's pins of MODEL_REQUIREMENTS.
+SERVING_REQUIREMENTS = ("pillow",)  # decoding in cxr.images
+
+
+def _client():
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    return mlflow.MlflowClient()
+
+
+def _version_of_run(client, name: str, run_id: str):
+    for version in client.search_model_versions(f"name='{name}'"):
+        if version.tags.get("cxr.run_id") == run_id:
+            return version
+    return None
+
+
+def _current_champion(client, name: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, ALIAS)
+    except MlflowException:
+        return None
+
+
+def rescore(model_uri: str, x: np.ndarray, y: np.ndarray, classes: list[str], metric: str):
+    """`metric` of a registered model on the current test images, through its pyfunc."""
+    import mlflow
+
+    answers = mlflow.pyfunc.load_model(model_uri).predict(x[..., 0])
+    probs = np.array([[a["probabilities"][c] for c in classes] for a in answers])
+    return scores(y, probs, classes)[metric]
+
+
+def gate(
+    newcomer: float,
+    classes: list[str],
+    current: Any | None,
+    current_score: float | None,
+    force: bool,
+) -> tuple[bool, str]:
+    """(move the alias?, why), from the newcomer's score and the current champion's."""
+    if current is None:
+        return True, "no champion yet"
+    theirs = current.tags.get("cxr.classes", "").split(",")
+    if theirs != classes:
+        if force:
+            return True, f"forced over a champion with other classes ({theirs})"
+        return False, (
+            f"refused: the current champion (version {current.version}) predicts {theirs}, "
+            f"this model {classes}; set register.force: true to replace it anyway"
+        )
+    if newcomer >= current_score:
+        return True, f"{newcomer:.4f} >= current champion's {current_score:.4f} (re-scored)"
+    if force:
+        return True, f"forced: {newcomer:.4f} < current champion's {current_score:.4f}"
+    return False, (
+        f"kept version {current.version}: this model scores {newcomer:.4f} < the current "
+        f"champion's {current_score:.4f} on the current test split"
+    )
+
+
+def model_card(
+    summary: dict, test: dict, dataset: dict, name: str, version: str, decision: str
+) -> str:
+    metric, champion = summary["metric"], summary["champion"]
+    lines = [
+        f"# Model card: {name} version {version} ({champion})",
+        "",
+        "Classifies a frontal chest radiograph into "
+        + ", ".join(summary["classes"])
+        + f". Chosen as the best of {len(summary['ranking'])} architectures by `{metric}` "
+        f"on the test split. Registry decision: {decision}.",
+        "",
+        "**Not for clinical use.** A research model; it has not been validated on any "
+        "population, scanner or workflow, and must not inform care.",
+        "",
+        "## Data",
+        "",
+        f"Prepared images: {dataset['n_images']} at {dataset['image_size']} px "
+        f"(data fingerprint `{dataset['fingerprint'][:16]}`), deduplicated and split by "
+        "near-duplicate groups (no film in two splits).",
+        "",
+        "| split | " + " | ".join(dataset["classes"]) + " |",
+        "|---|" + "---:|" * len(dataset["classes"]),
+    ]
+    for split, per in dataset["counts"].items():
+        lines.append(f"| {split} | " + " | ".join(str(per[c]) for c in dataset["classes"]) + " |")
+    lines += [
+        "",
+        f"## Test metrics ({test['n_test']} images, 95 % bootstrap intervals)",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
+    for key in ("accuracy", "macro_f1"):
+        lines.append(
+            f"| {key} | {test[key]:.3f} [{test[f'{key}_ci_low']:.3f}, "
+            f"{test[f'{key}_ci_high']:.3f}] |"
+        )
+    lines += [
+        f"| balanced accuracy | {test['balanced_accuracy']:.3f} |",
+        f"| ROC-AUC (one-vs-rest, macro) | {test['roc_auc_macro']:.3f} |",
+        f"| expected calibration error | {test['ece']:.3f} |",
+        "",
+        "| class | recall | precision | F1 | test images |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for c, f in test["per_class"].items():
+        lines.append(
+            f"| {c} | {f['recall']:.3f} | {f['precision']:.3f} | {f['f1']:.3f} | {f['support']} |"
+        )
+    lines += [
+        "",
+        "## Limitations",
+        "",
+        "- Shortcut learning: in the Kaggle database each class comes mostly from its own "
+        "hospitals and sources (viral pneumonia films are paediatric), so a model can learn "
+        "the source instead of the disease. Check the Grad-CAM overlays in the run's "
+        "`evaluation/figures` and the per-class recall; expect lower scores on other sources.",
+        "- Calibration: probabilities are the softmax outputs, not calibrated risks (see the "
+        "reliability diagram).",
+        "- The test split comes from the same sources as the training data; it measures "
+        "in-distribution performance only.",
+        "- Input: one frontal radiograph, decoded to 8-bit grey; lateral views, other body "
+        "parts and non-radiographs are outside its scope and still get a label.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def register(
+    params: dict[str, Any],
+    summary_path: Path,
+    evaluation: Path,
+    models: Path,
+    prepared: Path,
+    out_dir: Path,
+) -> dict[str, Any]:
+    """Register the champion named in `summary_path`, apply the gate, write champion.json and
+    model_card.md in `out_dir`."""
+    import mlflow
+
+    cfg = params["register"]
+    name = cfg["model_name"]
+    summary = read_json(summary_path)
+    champion, run_id, metric = summary["champion"], summary["run_id"], summary["metric"]
+    classes = summary["classes"]
+    client = _client()
+    if not client.search_registered_models(f"name='{name}'"):
+        client.create_registered_model(
+            name, description="Chest radiograph classifier (cxr pipeline)."
+        )
+
+    version = _version_of_run(client, name, run_id)
+    if version is None:
+        with tracking.start_run(params["mlflow"]["experiment"], champion, {}, run_id=run_id):
+            info = _log_classifier(models / champion / "model.keras", classes)
+        version = mlflow.register_model(
+            info.model_uri,
+            name,
+            tags={
+                "cxr.run_id": run_id,
+                "cxr.architecture": champion,
+                "cxr.classes": ",".join(classes),
+                "cxr.data_fingerprint": summary["data_fingerprint"] or "",
+                "cxr.git_commit": tracking.git_commit(),
+                f"test_{metric}": f"{summary['value']:.6f}",
+            },
+        )
+        created = True
+    else:
+        created = False
+
+    current = _current_champion(client, name)
+    current_score = None
+    if current is not None and current.version != version.version:
+        if current.tags.get("cxr.classes", "").split(",") == classes:
+            x, y, _ = split_arrays(prepared, "test")
+            current_score = rescore(f"models:/{name}/{current.version}", x, y, classes, metric)
+        move, decision = gate(summary["value"], classes, current, current_score, cfg["force"])
+    elif current is not None:
+        move, decision = True, "already the champion"
+    else:
+        move, decision = gate(summary["value"], classes, None, None, cfg["force"])
+    if move:
+        client.set_registered_model_alias(name, ALIAS, version.version)
+
+    test = read_json(evaluation / champion / "test.json")
+    dataset = read_json(prepared / "dataset.json")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    card = model_card(summary, test, dataset, name, version.version, decision)
+    with atomic_path(out_dir / "model_card.md") as tmp:
+        tmp.write_text(card)
+    client.update_model_version(name, version.version, description=card)
+    client.set_model_version_tag(name, version.version, "cxr.gate", decision)
+    with tracking.start_run(params["mlflow"]["experiment"], champion, {}, run_id=run_id):
+        mlflow.log_artifact(str(out_dir / "model_card.md"))
+    holder = _current_champion(client, name)
+    result = {
+        "model_name": name,
+        "version": version.version,
+        "created": created,
+        "architecture": champion,
+        "run_id": run_id,
+        metric: summary["value"],
+        "alias_moved": move,
+        "decision": decision,
+        "champion_version": holder.version if holder else None,
+        "model_uri": f"models:/{name}@{ALIAS}",
+    }
+    write_json(out_dir / "champion.json", result)
+    return result
+
+
+def _log_classifier(keras_model: Path, classes: list[str]):
+    from cxr.serving import log_classifier
+    from cxr.train import MODEL_REQUIREMENTS
+
+    return log_classifier(
+        keras_model, classes, pinned_requirements(MODEL_REQUIREMENTS + SERVING_REQUIREMENTS)
+    )

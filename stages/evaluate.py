@@ -1,0 +1,37 @@
+"""evaluate@<model>: score a trained architecture on the test split; metrics, per-image
+predictions and figures in evaluation/<model>/, all also logged into the model's training run
+in MLflow."""
+
+import argparse
+import os
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out
+
+from cxr.errors import run_stage  # noqa: E402
+from cxr.evaluate import evaluate  # noqa: E402
+from cxr.params import load_params  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("model", help="architecture key, one of params.yaml's train.models")
+    name = parser.parse_args().model
+    m = evaluate(
+        name,
+        load_params(),
+        Path("prepared"),
+        Path("models") / name / "model.keras",
+        Path("reports") / name / "mlflow_run.json",
+        Path("evaluation") / name,
+    )
+    print(
+        f"evaluate@{name}: accuracy {m['accuracy']:.3f} "
+        f"[{m['accuracy_ci_low']:.3f}, {m['accuracy_ci_high']:.3f}], "
+        f"macro-F1 {m['macro_f1']:.3f} [{m['macro_f1_ci_low']:.3f}, {m['macro_f1_ci_high']:.3f}], "
+        f"ECE {m['ece']:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,31 @@
+"""register: the champion into the MLflow Model Registry behind the gate; champion.json and
+the model card in reports/champion/."""
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out
+
+from cxr.errors import run_stage  # noqa: E402
+from cxr.params import load_params  # noqa: E402
+from cxr.register import register  # noqa: E402
+
+
+def main() -> None:
+    result = register(
+        load_params(),
+        Path("reports/compare/summary.json"),
+        Path("evaluation"),
+        Path("models"),
+        Path("prepared"),
+        Path("reports/champion"),
+    )
+    print(
+        f"register: {result['model_name']} version {result['version']} "
+        f"({result['architecture']}, {'new' if result['created'] else 'already registered'}); "
+        f"{result['decision']}; @champion -> version {result['champion_version']}"
+    )
+
+
+if __name__ == "__main__":
+    run_stage(main)

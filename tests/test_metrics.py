@@ -1,0 +1,88 @@
+import numpy as np
+import pytest
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
+
+from cxr.metrics import bootstrap_ci, calibration, confusion, mcnemar, scores
+
+CLASSES = ["covid", "lung_opacity", "normal", "pneumonia"]
+
+
+def fixed_predictions(n: int, skill: float = 0.7, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 4, n)
+    logits = rng.normal(size=(n, 4))
+    logits[np.arange(n), y] += 3 * skill
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return y, probs
+
+
+def test_scores_match_scikit_learn():
+    y, probs = fixed_predictions(300)
+    pred = probs.argmax(axis=1)
+    s = scores(y, probs, CLASSES)
+    assert s["accuracy"] == pytest.approx(accuracy_score(y, pred))
+    assert s["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
+    assert s["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro"))
+    assert s["roc_auc_macro"] == pytest.approx(roc_auc_score(y, probs, multi_class="ovr"))
+    for i, c in enumerate(CLASSES):
+        assert s["per_class"][c]["f1"] == pytest.approx(f1_score(y == i, pred == i))
+    assert np.array(s["confusion"]).sum() == 300 and np.trace(s["confusion"]) == (pred == y).sum()
+
+
+def test_a_class_missing_from_the_test_labels_is_handled():
+    y, probs = fixed_predictions(200)
+    keep = y != 3
+    s = scores(y[keep], probs[keep], CLASSES)
+    assert s["per_class"]["pneumonia"]["support"] == 0
+    assert "roc_auc" not in s["per_class"]["pneumonia"]
+    pred = probs[keep].argmax(axis=1)
+    assert s["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y[keep], pred))
+
+
+def test_bootstrap_interval_contains_the_estimate_and_shrinks_with_n():
+    widths = []
+    for n in (100, 1600):
+        y, probs = fixed_predictions(n)
+        pred = probs.argmax(axis=1)
+        ci = bootstrap_ci(y, pred, 4, resamples=500, seed=0)
+        s = scores(y, probs, CLASSES)
+        for key in ("accuracy", "macro_f1"):
+            low, high = ci[key]
+            assert low < s[key] < high
+        widths.append(ci["accuracy"][1] - ci["accuracy"][0])
+    assert widths[1] < widths[0] / 2.5  # ~ 1/sqrt(n): 4x narrower for 16x the images
+    y, probs = fixed_predictions(100)
+    pred = probs.argmax(axis=1)
+    assert bootstrap_ci(y, pred, 4, seed=3) == bootstrap_ci(y, pred, 4, seed=3)
+
+
+def test_bootstrap_macro_f1_agrees_with_scikit_learn_per_resample():
+    y, probs = fixed_predictions(80)
+    pred = probs.argmax(axis=1)
+    ci = bootstrap_ci(y, pred, 4, resamples=1, level=0.0, seed=5)
+    draw = np.random.default_rng(5).integers(0, 80, size=(1, 80))[0]
+    expected = f1_score(y[draw], pred[draw], average="macro", labels=range(4), zero_division=0)
+    assert ci["macro_f1"][0] == pytest.approx(expected)
+
+
+def test_calibration_of_a_perfectly_calibrated_and_an_overconfident_model():
+    y = np.array([0, 0, 0, 1] * 25)
+    honest = np.tile([0.75, 0.25 / 3, 0.25 / 3, 0.25 / 3], (100, 1))
+    assert calibration(honest, y)["ece"] == pytest.approx(0.0, abs=1e-9)
+    sure = np.tile([0.99, 0.01 / 3, 0.01 / 3, 0.01 / 3], (100, 1))
+    cal = calibration(sure, y)
+    assert cal["ece"] == pytest.approx(0.24)
+    assert cal["bins"] == [
+        {"bin": 9, "confidence": pytest.approx(0.99), "accuracy": 0.75, "count": 100}
+    ]
+
+
+def test_confusion_and_mcnemar():
+    y = np.array([0, 1, 2, 3, 0, 1])
+    a = np.array([0, 1, 2, 3, 0, 0])
+    b = np.array([0, 0, 0, 3, 0, 1])
+    assert confusion(y, a, 4)[1].tolist() == [1, 1, 0, 0]
+    result = mcnemar(y, a, b)
+    assert (result["a_only_correct"], result["b_only_correct"]) == (2, 1)
+    assert result["p_value"] == pytest.approx(1.0)
+    assert mcnemar(y, a, a)["p_value"] == 1.0
