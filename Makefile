@@ -1,6 +1,7 @@
 # Two commands on a fresh machine: `make demo` (offline pipeline) and `make test`.
 VENV ?= .venv
 PYTHON ?= python3
+EXTRAS ?= dev               # `make install EXTRAS=dev,gpu` on a GPU machine (CUDA from PyPI)
 STAMP := $(VENV)/.installed-stamp
 # DVC runs each stage's `python ...` through the shell: put the venv first on PATH.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
@@ -10,7 +11,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
-	$(VENV)/bin/python -m pip install -q -c requirements.lock -e ".[dev]"
+	$(VENV)/bin/python -m pip install -q -c requirements.lock -e ".[$(strip $(EXTRAS))]"
 	touch $@
 
 install: $(STAMP)

@@ -86,3 +86,15 @@ def test_confusion_and_mcnemar():
     assert (result["a_only_correct"], result["b_only_correct"]) == (2, 1)
     assert result["p_value"] == pytest.approx(1.0)
     assert mcnemar(y, a, a)["p_value"] == 1.0
+
+
+def test_per_source_accuracy_and_classes():
+    from cxr.metrics import per_source
+
+    y = np.array([0, 0, 1, 1, 2])
+    pred = np.array([0, 1, 1, 1, 0])
+    table = per_source(y, pred, ["a", "a", "b", "b", ""], CLASSES)
+    assert list(table) == ["a", "b", "unknown"]
+    assert table["a"] == {"n": 2, "accuracy": 0.5, "classes": {"covid": 2}}
+    assert table["b"]["accuracy"] == 1.0 and table["unknown"]["n"] == 1
+    assert per_source(y, pred, [""] * 5, CLASSES) == {}

@@ -235,3 +235,63 @@ def test_killed_training_resumes_into_the_same_run(tmp_path, mlflow_server):
     lines = (repo / "reports" / "cnn" / "history.csv").read_text().splitlines()
     assert len(lines) == epochs + 1
     assert not list(backups.iterdir())  # the checkpoint is removed after success
+
+
+def test_mlflow_run_entry_point_makes_the_parent_of_the_stage_runs(tmp_path, mlflow_server):
+    import mlflow
+
+    repo = copy_repo(tmp_path / "repo")
+    set_params(repo, {**TINY, "train.models": ["cnn"]})
+    run(["git", "commit", "-qam", "tiny"], repo)
+    env = {"MLFLOW_TRACKING_URI": mlflow_server}
+    cmd = ["mlflow", "run", ".", "-e", "train", "-P", "model=cnn", "--env-manager", "local"]
+    out = run([*cmd, "--experiment-name", "cxr-project-runs"], repo, env=env)
+    client = mlflow.MlflowClient(mlflow_server)
+    project = client.get_experiment_by_name("cxr-project-runs")
+    (parent,) = client.search_runs([project.experiment_id])
+    assert parent.info.status == "FINISHED", out.stdout[-2000:]
+    exp = client.get_experiment_by_name("cxr-classification")
+    children = client.search_runs(
+        [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    assert {r.data.tags["cxr.stage"] for r in children} == {"prepare", "train@cnn"}
+    # Each stage wrote into its own run, not into the parent.
+    assert "val_accuracy" not in parent.data.metrics
+
+
+def test_queued_experiments_run_in_parallel_and_both_reach_the_server(tmp_path, mlflow_server):
+    import time
+
+    import mlflow
+
+    repo = copy_repo(tmp_path / "repo")
+    set_params(repo, {**TINY, "train.models": ["cnn"]})
+    run(["git", "commit", "-qam", "tiny"], repo)
+    env = {"MLFLOW_TRACKING_URI": mlflow_server}
+    names = {"lr1": 0.001, "lr3": 0.003}
+    for name, lr in names.items():
+        run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.learning_rate={lr}"], repo)
+    run(["dvc", "queue", "start", "-j", "2"], repo, env=env)
+    deadline = time.time() + 900
+    while True:
+        status = run(["dvc", "queue", "status"], repo).stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        assert time.time() < deadline, status
+        time.sleep(5)
+    assert status.count("Success") == 2, status + run(["dvc", "queue", "logs", "lr1"], repo).stdout
+
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)
+    assert set(names) <= set(json.dumps(shown).replace('"', " ").split())
+    client = mlflow.MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("cxr-classification")
+    for name, lr in names.items():
+        runs = client.search_runs([exp.experiment_id], f"tags.`cxr.dvc_experiment` = '{name}'")
+        by_stage = {r.data.tags["cxr.stage"]: r for r in runs}
+        assert {"train@cnn", "compare"} <= set(by_stage), (name, sorted(by_stage))
+        train = by_stage["train@cnn"]
+        assert train.info.status == "FINISHED"
+        assert float(train.data.params["train.learning_rate"]) == lr
+        assert "test_macro_f1" in train.data.metrics  # its evaluation arrived too
+        history = client.get_metric_history(train.info.run_id, "val_loss")
+        assert [m.step for m in history] == list(range(TINY["train.epochs"]))

@@ -193,3 +193,32 @@ def test_real_sample_missing_class_names_it_and_the_fix(tmp_path):
     report = prepare(REAL_SAMPLE, [], ["covid", "normal", "pneumonia"], CFG, tmp_path / "p")
     assert report["n_images"] == 120 and report["rejects"] == []
     assert report["counts"]["test"] == {"covid": 10, "normal": 10, "pneumonia": 10}
+
+
+@pytest.mark.skipif(not REAL_SAMPLE.is_dir(), reason=f"real sample not found at {REAL_SAMPLE}")
+def test_image_sources_come_from_the_kaggle_metadata_sheets(tmp_path, capsys):
+    import openpyxl
+
+    raw = tmp_path / "raw"
+    shutil.copytree(REAL_SAMPLE, raw)
+    root = raw / DATASET_DIR
+    for folder, url in (("COVID", "https://github.com/ieee8023"), ("Normal", "https://rsna")):
+        book = openpyxl.Workbook()
+        book.active.append(["FILE NAME", "FORMAT", "SIZE", "URL"])
+        for path in sorted((root / folder / "images").glob("*.png")):
+            # the sheets name files in upper case and without the extension
+            book.active.append([path.stem.upper(), "PNG", "256*256", url])
+        book.save(root / f"{folder}.metadata.xlsx")
+    (root / "Viral Pneumonia.metadata.xlsx").write_bytes(b"not a workbook")
+
+    prepare(raw, [], ["covid", "normal", "pneumonia"], CFG, tmp_path / "p")
+    assert "skipped Viral Pneumonia.metadata.xlsx" in capsys.readouterr().out
+    _, rows, _ = load_prepared(tmp_path / "p")
+    by_label = defaultdict(set)
+    for row in rows:
+        by_label[row["label"]].add(row["source"])
+    assert by_label == {
+        "covid": {"https://github.com/ieee8023"},
+        "normal": {"https://rsna"},
+        "pneumonia": {""},
+    }

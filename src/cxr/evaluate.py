@@ -16,7 +16,7 @@ import numpy as np
 from cxr import tracking
 from cxr.errors import CxrError
 from cxr.io import atomic_path, read_json, write_json
-from cxr.metrics import bootstrap_ci, calibration, scores
+from cxr.metrics import bootstrap_ci, calibration, per_source, scores
 from cxr.train import split_arrays
 
 
@@ -237,7 +237,11 @@ def evaluate(
     figure_dir = out_dir / "figures"
     figure_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "run.json", record | {"param_count": model.count_params()})
-    write_predictions(out_dir / "predictions.csv", y, probs, classes, _test_rows(prepared))
+    rows = _test_rows(prepared)
+    write_predictions(out_dir / "predictions.csv", y, probs, classes, rows)
+    # Per image source (the Kaggle metadata's URL column), to expose shortcut learning.
+    sources = [r.get("source", "") for r in rows]
+    write_json(out_dir / "per_source.json", per_source(y, probs.argmax(axis=1), sources, classes))
     write_json(out_dir / "test.json", metrics)
     conf = np.array(metrics["confusion"])
     plot_confusion(conf, classes, figure_dir / "confusion.png", f"{name}: test confusion")
@@ -277,4 +281,5 @@ def evaluate(
         mlflow.log_artifacts(str(figure_dir), artifact_path="evaluation/figures")
         mlflow.log_artifact(str(out_dir / "test.json"), artifact_path="evaluation")
         mlflow.log_artifact(str(out_dir / "predictions.csv"), artifact_path="evaluation")
+        mlflow.log_artifact(str(out_dir / "per_source.json"), artifact_path="evaluation")
     return metrics

@@ -112,3 +112,23 @@ def mcnemar(y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray) -> dict[str, 
     b_only = int(np.sum((pred_a != y) & (pred_b == y)))
     p = binomtest(a_only, a_only + b_only, 0.5).pvalue if a_only + b_only else 1.0
     return {"a_only_correct": a_only, "b_only_correct": b_only, "p_value": float(p)}
+
+
+def per_source(
+    y: np.ndarray, pred: np.ndarray, sources: list[str], classes: list[str]
+) -> dict[str, Any]:
+    """Accuracy and class counts per image source, largest source first ({} when no source
+    is known). A source that holds one class only, scored near 1.0, is a shortcut risk: the
+    model may recognise the source rather than the finding."""
+    if not any(sources):
+        return {}
+    table = {}
+    for source in sorted(set(sources), key=lambda s: (-sources.count(s), s)):
+        members = np.array([s == source for s in sources])
+        counts = np.bincount(y[members], minlength=len(classes))
+        table[source or "unknown"] = {
+            "n": int(members.sum()),
+            "accuracy": float(np.mean(pred[members] == y[members])),
+            "classes": {c: int(n) for c, n in zip(classes, counts, strict=True) if n},
+        }
+    return table

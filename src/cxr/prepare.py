@@ -127,6 +127,37 @@ def index_images(
     return items
 
 
+def image_sources(raw: Path) -> dict[str, str]:
+    """File name without extension (lower case) -> the source it came from, read from the
+    Kaggle metadata sheets beside the class folders (`<Class>.metadata.xlsx`, columns
+    FILE NAME and URL) when they are there; {} otherwise. A sheet that cannot be read is
+    reported and skipped: sources only feed the per-source metrics."""
+    import openpyxl
+
+    sources: dict[str, str] = {}
+    for sheet in sorted(_class_root(raw).glob("*.metadata.xlsx")):
+        try:
+            book = openpyxl.load_workbook(sheet, read_only=True, data_only=True)
+            rows = book.active.iter_rows(values_only=True)
+            header = [str(c or "").strip().upper() for c in next(rows, ())]
+            name, url = header.index("FILE NAME"), header.index("URL")
+            for row in rows:
+                if len(row) > max(name, url) and row[name]:
+                    sources[str(row[name]).strip().lower()] = str(row[url] or "").strip()
+            book.close()
+        except Exception as err:  # a damaged sheet must not stop the pipeline
+            print(f"prepare: skipped {sheet.name} (no per-source metrics from it): {err!r}")
+    return sources
+
+
+def _source(item: Item, sources: dict[str, str]) -> str:
+    if item.origin == "user":
+        return "data/ (your images)"
+    if item.origin == "topup":
+        return "chest-xray-pneumonia (top-up)"
+    return sources.get(item.path.stem.lower(), "")
+
+
 # ---------------------------------------------------------------------------- scan
 
 
@@ -458,6 +489,7 @@ def prepare(
         copy_rows(tmp / "scratch.npy", order, tmp / "images.npy", (size, size))
         (tmp / "scratch.npy").unlink()
 
+        sources = image_sources(raw)
         rows = [
             {
                 "index": k,
@@ -467,6 +499,7 @@ def prepare(
                 "origin": items[i].origin,
                 "content_hash": facts["hash"][i],
                 "path": _rel(items[i].path),
+                "source": _source(items[i], sources),
             }
             for k, i in enumerate(order)
         ]

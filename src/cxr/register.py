@@ -38,6 +38,18 @@ def _version_of_run(client, name: str, run_id: str):
     return None
 
 
+def _ensure_registered_model(client, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    if client.search_registered_models(f"name='{name}'"):
+        return
+    try:
+        client.create_registered_model(name, description="Chest radiograph classifier (cxr).")
+    except MlflowException as err:  # a parallel experiment created it first
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
 def _current_champion(client, name: str):
     from mlflow.exceptions import MlflowException
 
@@ -85,7 +97,13 @@ def gate(
 
 
 def model_card(
-    summary: dict, test: dict, dataset: dict, name: str, version: str, decision: str
+    summary: dict,
+    test: dict,
+    sources: dict,
+    dataset: dict,
+    name: str,
+    version: str,
+    decision: str,
 ) -> str:
     metric, champion = summary["metric"], summary["champion"]
     lines = [
@@ -134,6 +152,20 @@ def model_card(
         lines.append(
             f"| {c} | {f['recall']:.3f} | {f['precision']:.3f} | {f['f1']:.3f} | {f['support']} |"
         )
+    if sources:
+        lines += [
+            "",
+            "## Test accuracy per image source",
+            "",
+            "A source that holds one class only and scores near 1.0 may be recognised by its "
+            "look rather than by the finding.",
+            "",
+            "| source | images | accuracy | classes |",
+            "|---|---:|---:|---|",
+        ]
+        for source, row in sources.items():
+            held = ", ".join(f"{c} {n}" for c, n in row["classes"].items())
+            lines.append(f"| {source} | {row['n']} | {row['accuracy']:.3f} | {held} |")
     lines += [
         "",
         "## Limitations",
@@ -171,10 +203,7 @@ def register(
     champion, run_id, metric = summary["champion"], summary["run_id"], summary["metric"]
     classes = summary["classes"]
     client = _client()
-    if not client.search_registered_models(f"name='{name}'"):
-        client.create_registered_model(
-            name, description="Chest radiograph classifier (cxr pipeline)."
-        )
+    _ensure_registered_model(client, name)
 
     version = _version_of_run(client, name, run_id)
     if version is None:
@@ -213,7 +242,8 @@ def register(
     test = read_json(evaluation / champion / "test.json")
     dataset = read_json(prepared / "dataset.json")
     out_dir.mkdir(parents=True, exist_ok=True)
-    card = model_card(summary, test, dataset, name, version.version, decision)
+    sources = read_json(evaluation / champion / "per_source.json")
+    card = model_card(summary, test, sources, dataset, name, version.version, decision)
     with atomic_path(out_dir / "model_card.md") as tmp:
         tmp.write_text(card)
     client.update_model_version(name, version.version, description=card)
