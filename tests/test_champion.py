@@ -139,11 +139,12 @@ def test_champion_alias_gate_and_no_duplicate_versions(repro):
         _register(repro)
         assert client.get_model_version_by_alias(MODEL, "champion").tags["cxr.run_id"] == worse_run
         assert len(client.search_model_versions(f"name='{MODEL}'")) == 2
-    finally:
+    finally:  # back to the pipeline's own state, recorded in dvc.lock for the other tests
         summary_path.write_text(original)
         set_params(repo, {"register.force": False})
-        _register(repro)
+        run(["dvc", "repro", "-f", "-s", "register"], repo, env=repro["env"])
     assert client.get_model_version_by_alias(MODEL, "champion").version == champion.version
+    assert json.loads(run(["dvc", "status", "--json"], repo).stdout) == {}
 
 
 def _real_images():
@@ -164,7 +165,7 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
 
 
 @e2e
-def test_served_champion_answers_real_radiographs_and_refuses_bad_requests(repro):
+def test_served_champion_answers_real_radiographs_and_refuses_bad_requests(repro, tmp_path):
     images = _real_images()
     port = _free_port()
     env = {
@@ -173,7 +174,7 @@ def test_served_champion_answers_real_radiographs_and_refuses_bad_requests(repro
         **repro["env"],
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
     }
-    log = repro["repo"] / "serve.log"
+    log = tmp_path / "serve.log"
     with open(log, "w") as out:
         server = subprocess.Popen(
             [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}@champion"]
@@ -221,9 +222,9 @@ def test_served_champion_answers_real_radiographs_and_refuses_bad_requests(repro
 
 
 @e2e
-def test_cxr_predict_classifies_files_and_names_a_bad_one(repro):
+def test_cxr_predict_classifies_files_and_names_a_bad_one(repro, tmp_path):
     images = _real_images()
-    bad = repro["repo"] / "notes.png"
+    bad = tmp_path / "notes.png"
     bad.write_text("not a radiograph")
     proc = run(
         ["cxr", "predict", *map(str, images), str(bad)],

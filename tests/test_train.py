@@ -114,3 +114,37 @@ def test_oversampling_draws_smaller_classes_up_from_their_own_images():
     assert np.bincount(y[keep]).tolist() == [50, 50, 50]
     assert set(np.flatnonzero(y == 0)) <= set(keep)  # every image at least once
     assert np.array_equal(keep, oversample(y, 3, seed=0))
+
+
+def test_training_batches_hold_the_decoded_files_and_their_folder_labels(synthetic_raw, tmp_path):
+    """The cached pipeline feeds the same pixels and labels as decoding every file."""
+    from pathlib import Path
+
+    from cxr.classes import FOLDER_TO_LABEL, LABELS
+    from cxr.images import load_grey
+    from cxr.prepare import load_prepared, prepare
+    from cxr.train import split_arrays
+
+    cfg = {
+        "image_size": 32,
+        "min_size": 32,
+        "near_duplicate_bits": 5,
+        "near_duplicate_mad": 4.0,
+        "balance": "none",
+        "balance_target": "covid",
+        "val_fraction": 0.25,
+        "test_fraction": 0.25,
+        "seed": 1,
+    }
+    prepare(synthetic_raw, [], list(LABELS), cfg, tmp_path / "p")
+    x, y, summary = split_arrays(tmp_path / "p", "train")
+    rows = [r for r in load_prepared(tmp_path / "p")[1] if r["split"] == "train"]
+    batches = list(make_dataset(x, y, 7, shuffle=False, seed=0).as_numpy_iterator())
+    images = np.concatenate([b[0] for b in batches])
+    labels = np.concatenate([b[1] for b in batches])
+    assert len(images) == len(rows) == 24
+    for image, label, row in zip(images, labels, rows, strict=True):
+        path = Path(row["path"])
+        assert np.array_equal(image[..., 0], load_grey(path, 32))
+        folder = path.parent.parent.name  # <Class>/images/<file>
+        assert summary["classes"][label] == FOLDER_TO_LABEL[folder]

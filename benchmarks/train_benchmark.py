@@ -1,0 +1,234 @@
+"""Where training time goes, per architecture: images/s of four ways to feed the same model.
+
+    python benchmarks/train_benchmark.py [--models cnn cnn4_bn ...] [--image-size 224]
+        [--batch-size 32] [--steps 12] [--warmup 3] [--augment | --no-augment]
+        [--workdir DIR] [--out docs/benchmarks.json]
+
+(a) input pipeline alone: the train stage's tf.data pipeline (cached uint8 arrays, shuffle,
+    augmentation), iterated without a model;
+(b) compute ceiling: training steps on one batch already in memory (no pipeline);
+(c) the train stage's loop: its dataset and model.fit, as `stages/train.py` runs it;
+(d) the study's way: PNG files decoded and resized every epoch by
+    keras.utils.image_dataset_from_directory, then the same augmentation and model.fit.
+(b)-(d) use the same model settings, batch size and callbacks (a batch timer and early
+stopping); each side is timed in steady state, after `--warmup` steps (tracing, XLA).
+Prints a markdown table with (c)/(b), the pipeline's efficiency, and (c)/(d), the speed-up
+over decoding files every epoch. Phantoms are written once into --workdir and reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from cxr.classes import DATASET_DIR, LABELS  # noqa: E402
+from cxr.params import load_params  # noqa: E402
+from cxr.prepare import prepare  # noqa: E402
+from cxr.synthetic import write_dataset  # noqa: E402
+from cxr.train import (  # noqa: E402
+    accelerator_settings,
+    make_augmenter,
+    make_dataset,
+    settings_for,
+    split_arrays,
+)
+
+
+class BatchTimer(keras.callbacks.Callback):
+    """Wall time at the end of every training batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.ends: list[float] = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.ends.append(time.perf_counter())
+
+
+def steady_rate(ends: list[float], batch: int, warmup: int) -> float:
+    """Images/s between the end of batch `warmup` and the last batch."""
+    timed = ends[warmup:]
+    return batch * (len(timed) - 1) / (timed[-1] - timed[0])
+
+
+def data(workdir: Path, size: int, n_train: int) -> tuple[Path, Path]:
+    """(PNG class root, prepared cache) with at least `n_train` training images."""
+    per_class = int(np.ceil(n_train / 0.7 / len(LABELS))) + 4
+    raw = workdir / f"raw-{per_class}"
+    if not (raw / ".complete").exists():
+        write_dataset(raw, per_class=per_class, size=299)
+        (raw / ".complete").touch()
+    prepared = workdir / f"prepared-{per_class}-{size}"
+    if not (prepared / "dataset.json").exists():
+        cfg = {
+            "image_size": size,
+            "min_size": 128,
+            "near_duplicate_bits": 5,
+            "near_duplicate_mad": 4.0,
+            "balance": "none",
+            "balance_target": "covid",
+            "val_fraction": 0.15,
+            "test_fraction": 0.15,
+            "seed": 0,
+        }
+        prepare(raw, [], list(LABELS), cfg, prepared)
+    return raw / DATASET_DIR, prepared
+
+
+def fit_rate(model, dataset, steps: int, warmup: int, batch: int) -> float:
+    timer = BatchTimer()
+    stop = keras.callbacks.EarlyStopping(monitor="loss", patience=100)
+    model.fit(dataset, epochs=1, steps_per_epoch=steps + warmup, callbacks=[timer, stop], verbose=0)
+    return steady_rate(timer.ends, batch, warmup)
+
+
+def bench_model(name, params, png_root, prepared, args) -> dict:
+    from cxr.models import build_model
+
+    cfg, builder_cfg = settings_for(name, params)
+    accel = accelerator_settings(cfg)
+    keras.mixed_precision.set_dtype_policy(accel["policy"])
+    batch = args.batch_size
+    x, y, summary = split_arrays(prepared, "train")
+    augment = make_augmenter(cfg["augment"], 0) if args.augment else None
+    n_steps = args.steps + args.warmup
+
+    def fresh_model():
+        keras.utils.set_random_seed(0)
+        model = build_model(name, x.shape[1:], len(summary["classes"]), **builder_cfg)
+        model.compile(
+            optimizer=keras.optimizers.Adam(1e-4),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+            jit_compile=accel["jit_compile"],
+        )
+        return model
+
+    # (a) the stage's input pipeline alone
+    pipeline = make_dataset(x, y, batch, True, 0, augment).repeat()
+    ends = []
+    for _ in pipeline.take(n_steps * 2):
+        ends.append(time.perf_counter())
+    a = steady_rate(ends, batch, args.warmup)
+    # (b) compute ceiling: one batch in memory, no pipeline
+    xb = tf.constant(x[:batch].astype(np.float32))
+    yb = tf.constant(y[:batch])
+    b = fit_rate(
+        fresh_model(),
+        tf.data.Dataset.from_tensors((xb, yb)).repeat(),
+        args.steps,
+        args.warmup,
+        batch,
+    )
+    # (c) the train stage's loop
+    c = fit_rate(
+        fresh_model(),
+        make_dataset(x, y, batch, True, 0, augment).repeat(),
+        args.steps,
+        args.warmup,
+        batch,
+    )
+    # (d) the study's way: decode and resize PNG files every epoch
+    files = keras.utils.image_dataset_from_directory(
+        png_root,
+        labels="inferred",
+        color_mode="grayscale",
+        image_size=(x.shape[1], x.shape[2]),
+        batch_size=batch,
+        shuffle=True,
+        seed=0,
+        verbose=False,
+    )
+    if augment:
+
+        def apply(images, labels):
+            for layer in augment:
+                images = layer(images, training=True)
+            return tf.clip_by_value(images, 0.0, 255.0), labels
+
+        files = files.map(apply, num_parallel_calls=tf.data.AUTOTUNE)
+    d = fit_rate(
+        fresh_model(), files.prefetch(tf.data.AUTOTUNE).repeat(), args.steps, args.warmup, batch
+    )
+    return {
+        "model": name,
+        "input_pipeline": round(a, 1),
+        "in_memory": round(b, 1),
+        "train_stage": round(c, 1),
+        "decode_every_epoch": round(d, 1),
+        "efficiency": round(c / b, 3),
+        "speedup": round(c / d, 2),
+        "policy": accel["policy"],
+        "jit_compile": accel["jit_compile"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--models", nargs="+", default=None, help="default: params.yaml's train.models"
+    )
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per measurement")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--weights", default="none", help="transfer models' weights (offline: none)"
+    )
+    parser.add_argument(
+        "--workdir", type=Path, default=Path(tempfile.gettempdir()) / "cxr-train-bench"
+    )
+    parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
+    args = parser.parse_args()
+
+    params = load_params()
+    models = args.models or params["train"]["models"]
+    for name in ("vgg16", "vgg19", "resnet50v2"):
+        params["models"][name]["weights"] = args.weights
+    png_root, prepared = data(
+        args.workdir, args.image_size, args.batch_size * (args.steps + args.warmup) * 2
+    )
+    devices = [d.device_type for d in tf.config.list_physical_devices()]
+    print(
+        f"# {platform.node()}: {os.cpu_count()} CPUs, devices {devices}, TF {tf.__version__}, "
+        f"{args.image_size} px, batch {args.batch_size}, {args.steps} timed steps after "
+        f"{args.warmup}, augmentation {'on' if args.augment else 'off'}\n"
+    )
+    columns = ["(a) pipeline", "(b) in memory", "(c) train stage", "(d) PNG every epoch"]
+    print("| model | " + " | ".join(columns) + " | (c)/(b) | (c)/(d) |")
+    print("|---|" + "---:|" * 6)
+    rows = []
+    for name in models:
+        row = bench_model(name, params, png_root, prepared, args)
+        rows.append(row)
+        rates = [row[k] for k in ("input_pipeline", "in_memory", "train_stage")]
+        rates.append(row["decode_every_epoch"])
+        print(
+            f"| {name} | "
+            + " | ".join(f"{r:.1f}" for r in rates)
+            + f" | {row['efficiency']:.2f} | {row['speedup']:.2f} |",
+            flush=True,
+        )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(
+            json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2)
+        )
+
+
+if __name__ == "__main__":
+    main()
