@@ -295,3 +295,22 @@ def test_queued_experiments_run_in_parallel_and_both_reach_the_server(tmp_path, 
         assert "test_macro_f1" in train.data.metrics  # its evaluation arrived too
         history = client.get_metric_history(train.info.run_id, "val_loss")
         assert [m.step for m in history] == list(range(TINY["train.epochs"]))
+
+
+def test_params_and_metrics_diff_after_a_one_param_rerun(tmp_path, mlflow_server):
+    repo = copy_repo(tmp_path / "repo")
+    set_params(repo, {**TINY, "train.models": ["cnn"]})
+    env = {"MLFLOW_TRACKING_URI": mlflow_server}
+    run(["dvc", "repro"], repo, env=env)
+    run(["git", "add", "-A", "params.yaml", "dvc.lock", "reports", "evaluation"], repo)
+    run(["git", "commit", "-qm", "baseline"], repo)
+    set_params(repo, {"models.cnn.dropout": 0.6, "models.cnn.dense_units": 32})
+    rerun = run(["dvc", "repro"], repo, env=env).stdout
+    assert "Stage 'prepare' didn't change" in rerun and "Running stage 'train@cnn'" in rerun
+
+    params = json.loads(run(["dvc", "params", "diff", "--json"], repo).stdout)["params.yaml"]
+    assert params["models.cnn.dropout"]["old"] == 0.3 and params["models.cnn.dropout"]["new"] == 0.6
+    metrics = json.loads(run(["dvc", "metrics", "diff", "--json"], repo).stdout)
+    changed = {path for path, values in metrics.items() if values}
+    assert {"reports/cnn/train.json"} <= changed, metrics
+    assert metrics["reports/cnn/train.json"]["param_count"]["diff"] < 0  # 128 -> 32 units
