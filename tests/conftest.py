@@ -94,6 +94,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_up(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    """Poll `url` until it answers; fail with the server's log if it exits or times out."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"{url} did not come up:\n{log.read_text()}")
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1, in its own process group, stopped with it."""
@@ -122,19 +136,7 @@ def mlflow_server(tmp_path_factory):
     )
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(
-                    f"mlflow server did not start:\n{(where / 'server.log').read_text()}"
-                )
-            time.sleep(0.5)
+        wait_until_up(f"{uri}/health", proc, where / "server.log", timeout=120)
         yield uri
     finally:
         # The server starts helper processes (job consumers) that outlive a killed parent:

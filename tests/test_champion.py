@@ -8,14 +8,22 @@ import json
 import os
 import signal
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from types import SimpleNamespace
 
 import pytest
 
-from tests.conftest import BIN, GIT_IDENTITY, REAL_SAMPLE, TINY, _free_port, run, set_params
+from tests.conftest import (
+    BIN,
+    GIT_IDENTITY,
+    REAL_SAMPLE,
+    TINY,
+    _free_port,
+    run,
+    set_params,
+    wait_until_up,
+)
 
 MODEL = "cxr-classifier"
 e2e = pytest.mark.e2e
@@ -187,14 +195,7 @@ def test_served_champion_answers_real_radiographs_and_refuses_bad_requests(repro
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2):
-                    break
-            except OSError:
-                assert server.poll() is None and time.time() < deadline, log.read_text()
-                time.sleep(0.5)
+        wait_until_up(f"{url}/ping", server, log, timeout=180)
         encoded = [base64.b64encode(p.read_bytes()).decode() for p in images]
         status, body = _post(
             f"{url}/invocations", {"dataframe_records": [{"image": e} for e in encoded]}

@@ -48,11 +48,12 @@ def predict(args: argparse.Namespace) -> int:
     from cxr import tracking
     from cxr.serving import load_classifier, predict_files
 
-    if not args.model.endswith(".keras"):
+    local = args.model.endswith(".keras")  # a model file names no classes: params.yaml does
+    if not local:
         import mlflow
 
         mlflow.set_tracking_uri(tracking.tracking_uri())
-    classes = load_params()["data"]["classes"] if args.model.endswith(".keras") else None
+    classes = load_params()["data"]["classes"] if local else None
     try:
         predict_fn = load_classifier(args.model, classes)
     except Exception as err:  # MLflow says which part of the URI it could not resolve
