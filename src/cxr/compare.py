@@ -13,7 +13,7 @@ import numpy as np
 from cxr import tracking
 from cxr.errors import CxrError
 from cxr.evaluate import read_predictions
-from cxr.io import atomic_path, read_json, write_json
+from cxr.io import atomic_path, pyplot, read_json, save_figure, write_json
 from cxr.metrics import mcnemar
 
 METRICS = ("macro_f1", "accuracy", "balanced_accuracy", "roc_auc_macro")
@@ -101,10 +101,7 @@ def markdown(ranked: list[dict], metric: str, paired: dict | None, level: float)
 
 
 def plot(ranked: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = [r["model"] for r in ranked]
     x = np.arange(len(names))
@@ -121,9 +118,7 @@ def plot(ranked: list[dict], path: Path) -> None:
     ax.set_ylabel("test score (95% bootstrap interval)")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def compare(params: dict[str, Any], evaluation: Path, out_dir: Path) -> dict[str, Any]:

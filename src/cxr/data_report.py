@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from cxr.io import atomic_path, write_json
+from cxr.io import atomic_path, pyplot, save_figure, write_json
 from cxr.prepare import SPLITS, load_prepared
 
 LISTED = 20  # rows shown per list in the markdown; report.json has them all
@@ -79,10 +79,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def sample_grid(prepared: Path, path: Path, per_class: int = 6) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     images, rows, summary = load_prepared(prepared)
     classes = summary["classes"]
@@ -98,9 +95,7 @@ def sample_grid(prepared: Path, path: Path, per_class: int = 6) -> None:
                 ax.imshow(np.asarray(images[chosen[c]]), cmap="gray", vmin=0, vmax=255)
         axes[r][0].set_title(label, loc="left", fontsize=9)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 def write_data_report(report: dict[str, Any], prepared: Path, out_dir: Path) -> None:

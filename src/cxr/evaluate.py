@@ -15,7 +15,7 @@ import numpy as np
 
 from cxr import tracking
 from cxr.errors import CxrError
-from cxr.io import atomic_path, read_json, write_json
+from cxr.io import atomic_path, pyplot, read_json, save_figure, write_json
 from cxr.metrics import bootstrap_ci, calibration, per_source, scores
 from cxr.train import split_arrays
 
@@ -48,18 +48,9 @@ def grad_cam(model, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return cam.numpy(), probs.numpy()
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_confusion(conf: np.ndarray, classes: list[str], path: Path, title: str) -> None:
     """Counts and row-normalised (recall) confusion matrices side by side."""
-    plt = _plt()
+    plt = pyplot()
     rows = conf.sum(axis=1, keepdims=True)
     normalised = np.divide(conf, rows, out=np.zeros(conf.shape), where=rows > 0)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
@@ -85,13 +76,11 @@ def plot_confusion(conf: np.ndarray, classes: list[str], path: Path, title: str)
         ax.set_title(label)
     fig.suptitle(title)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_reliability(cal: dict[str, Any], path: Path, title: str) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.8, 4.6))
     bins = cal["bins"]
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
@@ -111,9 +100,7 @@ def plot_reliability(cal: dict[str, Any], path: Path, title: str) -> None:
     ax.set_title(f"{title}\nECE {cal['ece']:.3f}")
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_grad_cam(
@@ -126,7 +113,7 @@ def plot_grad_cam(
     title: str,
 ) -> None:
     """One row per class: each image with its heatmap, titled actual / predicted (prob)."""
-    plt = _plt()
+    plt = pyplot()
     per_row = max(np.bincount(y, minlength=len(classes)).max(), 1)
     fig, axes = plt.subplots(
         len(classes), per_row, figsize=(2.2 * per_row, 2.4 * len(classes)), squeeze=False
@@ -144,9 +131,7 @@ def plot_grad_cam(
         ax.set_title(f"{classes[label]}\n-> {classes[guess]} {p[guess]:.2f}{mark}", fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_predictions(

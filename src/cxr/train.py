@@ -15,7 +15,7 @@ import keras
 import numpy as np
 
 from cxr import tracking
-from cxr.io import atomic_path, read_json, write_json
+from cxr.io import atomic_path, pyplot, read_json, save_figure, write_json
 from cxr.params import flatten
 from cxr.prepare import load_prepared
 
@@ -148,10 +148,7 @@ def pinned_requirements(
 
 
 def plot_curves(history: dict[str, list[float]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     epochs = np.arange(1, len(history["loss"]) + 1)
@@ -164,9 +161,7 @@ def plot_curves(history: dict[str, list[float]], path: Path, title: str) -> None
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_history(history: dict[str, list[float]], path: Path) -> None:
