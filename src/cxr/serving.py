@@ -76,9 +76,6 @@ def to_batch(model_input: Any, size: int) -> np.ndarray:
     elif isinstance(model_input, np.ndarray) and model_input.dtype.kind in "OSU":
         items, convert = list(model_input.ravel()), _from_base64  # base64 strings as inputs
     elif isinstance(model_input, np.ndarray | list):
-        arr = np.asarray(model_input, dtype=object) if isinstance(model_input, list) else None
-        if arr is not None and arr.ndim == 0:
-            raise BadRequest("expected a list of images.")
         items, convert = list(model_input), _from_pixels  # always a batch: (n, H, W[, 1])
     else:
         raise BadRequest(f"unsupported input of type {type(model_input).__name__}.")
