@@ -17,7 +17,7 @@ import numpy as np
 from cxr import tracking
 from cxr.io import atomic_path, read_json, write_json
 from cxr.metrics import scores
-from cxr.train import pinned_requirements, split_arrays
+from cxr.train import MODEL_REQUIREMENTS, pinned_requirements, split_arrays
 
 ALIAS = "champion"
 # What the served pyfunc needs besides the lock file's pins of MODEL_REQUIREMENTS.
@@ -50,6 +50,10 @@ def _ensure_registered_model(client, name: str) -> None:
             raise
 
 
+def _classes_of(version) -> list[str]:
+    return version.tags.get("cxr.classes", "").split(",")
+
+
 def _current_champion(client, name: str):
     from mlflow.exceptions import MlflowException
 
@@ -78,7 +82,7 @@ def gate(
     """(move the alias?, why), from the newcomer's score and the current champion's."""
     if current is None:
         return True, "no champion yet"
-    theirs = current.tags.get("cxr.classes", "").split(",")
+    theirs = _classes_of(current)
     if theirs != classes:
         if force:
             return True, f"forced over a champion with other classes ({theirs})"
@@ -226,16 +230,14 @@ def register(
         created = False
 
     current = _current_champion(client, name)
-    current_score = None
-    if current is not None and current.version != version.version:
-        if current.tags.get("cxr.classes", "").split(",") == classes:
+    if current is not None and current.version == version.version:
+        move, decision = True, "already the champion"
+    else:
+        current_score = None  # re-scored only where comparable: same classes
+        if current is not None and _classes_of(current) == classes:
             x, y, _ = split_arrays(prepared, "test")
             current_score = rescore(f"models:/{name}/{current.version}", x, y, classes, metric)
         move, decision = gate(summary["value"], classes, current, current_score, cfg["force"])
-    elif current is not None:
-        move, decision = True, "already the champion"
-    else:
-        move, decision = gate(summary["value"], classes, None, None, cfg["force"])
     if move:
         client.set_registered_model_alias(name, ALIAS, version.version)
 
@@ -269,7 +271,6 @@ def register(
 
 def _log_classifier(keras_model: Path, classes: list[str]):
     from cxr.serving import log_classifier
-    from cxr.train import MODEL_REQUIREMENTS
 
     return log_classifier(
         keras_model, classes, pinned_requirements(MODEL_REQUIREMENTS + SERVING_REQUIREMENTS)
