@@ -38,6 +38,7 @@ from cxr.prepare import prepare  # noqa: E402
 from cxr.synthetic import write_dataset  # noqa: E402
 from cxr.train import (  # noqa: E402
     accelerator_settings,
+    augment_batch,
     make_augmenter,
     make_dataset,
     settings_for,
@@ -150,14 +151,8 @@ def bench_model(name, params, png_root, prepared, args) -> dict:
         seed=0,
         verbose=False,
     )
-    if augment:
-
-        def apply(images, labels):
-            for layer in augment:
-                images = layer(images, training=True)
-            return tf.clip_by_value(images, 0.0, 255.0), labels
-
-        files = files.map(apply, num_parallel_calls=tf.data.AUTOTUNE)
+    if augment:  # the same augmentation as the train stage
+        files = files.map(augment_batch(augment), num_parallel_calls=tf.data.AUTOTUNE)
     d = fit_rate(
         fresh_model(), files.prefetch(tf.data.AUTOTUNE).repeat(), args.steps, args.warmup, batch
     )

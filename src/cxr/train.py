@@ -77,15 +77,22 @@ def make_dataset(
         ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
     if augment:
-
-        def apply(images, labels):
-            images = tf.cast(images, tf.float32)
-            for layer in augment:
-                images = layer(images, training=True)
-            return tf.clip_by_value(images, 0.0, 255.0), labels
-
-        ds = ds.map(apply, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(augment_batch(augment), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def augment_batch(augment):
+    """The tf.data map function that applies the augmenter's layers to a batch of training
+    images (as float32, pixels kept in 0-255)."""
+    import tensorflow as tf
+
+    def apply(images, labels):
+        images = tf.cast(images, tf.float32)
+        for layer in augment:
+            images = layer(images, training=True)
+        return tf.clip_by_value(images, 0.0, 255.0), labels
+
+    return apply
 
 
 def class_weights(y: np.ndarray, n_classes: int) -> dict[int, float]:
