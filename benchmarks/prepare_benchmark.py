@@ -23,10 +23,8 @@ from pathlib import Path
 
 import psutil
 
-from cxr.classes import LABELS
+from cxr.classes import DATABASE_COUNTS, LABELS
 from cxr.synthetic import write_dataset
-
-REAL_COUNTS = {"covid": 3616, "lung_opacity": 6012, "normal": 10192, "pneumonia": 1345}
 
 CHILD = """
 import sys
@@ -57,11 +55,11 @@ def main() -> None:
     raw = args.workdir / "raw"
     if not (raw / ".complete").exists():
         started = time.perf_counter()
-        for label, n in REAL_COUNTS.items():
+        for label, n in DATABASE_COUNTS.items():
             write_dataset(raw, per_class=n, size=299, seed=0, labels=(label,))
         (raw / ".complete").touch()
         print(
-            f"generated {sum(REAL_COUNTS.values())} phantoms in "
+            f"generated {sum(DATABASE_COUNTS.values())} phantoms in "
             f"{time.perf_counter() - started:.0f} s"
         )
     out = args.workdir / "prepared"
@@ -84,7 +82,7 @@ def main() -> None:
     done.set()
     sampler.join()
     seconds = time.perf_counter() - started
-    n = sum(REAL_COUNTS.values())
+    n = sum(DATABASE_COUNTS.values())
     print(
         f"prepare: {n} images at 299 px -> {args.image_size} px on {os.cpu_count()} cores: "
         f"{seconds:.1f} s ({n / seconds:.0f} images/s), peak RSS of the process tree "

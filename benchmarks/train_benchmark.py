@@ -5,15 +5,17 @@
         [--workdir DIR] [--out docs/benchmarks.json]
 
 (a) input pipeline alone: the train stage's tf.data pipeline (cached uint8 arrays, shuffle,
-    augmentation), iterated without a model;
+    batch), iterated without a model;
 (b) compute ceiling: training steps on one batch already in memory (no pipeline);
 (c) the train stage's loop: its dataset and model.fit, as `stages/train.py` runs it;
 (d) the study's way: PNG files decoded and resized every epoch by
-    keras.utils.image_dataset_from_directory, then the same augmentation and model.fit.
-(b)-(d) use the same model settings, batch size and callbacks (a batch timer and early
-stopping); each side is timed in steady state, after `--warmup` steps (tracing, XLA).
-Prints a markdown table with (c)/(b), the pipeline's efficiency, and (c)/(d), the speed-up
-over decoding files every epoch. Phantoms are written once into --workdir and reused.
+    keras.utils.image_dataset_from_directory, then the same model.fit.
+(b)-(d) train the same training model (augmentation is its first layer, inside the step, see
+cxr.augment), with the stage's precision, XLA, steps per execution and threads, the same
+batch size and callbacks (a batch timer and early stopping); each side is timed in steady
+state, after `--warmup` steps (tracing, XLA). Prints a markdown table with (c)/(b), the
+pipeline's efficiency, (c)/(d), the speed-up over decoding files every epoch, and how busy
+the CPU cores were during (c). Phantoms are written once into --workdir and reused.
 """
 
 from __future__ import annotations
@@ -32,35 +34,32 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from cxr.augment import make_augmenter, training_model  # noqa: E402
 from cxr.classes import DATASET_DIR, LABELS  # noqa: E402
 from cxr.params import load_params  # noqa: E402
-from cxr.prepare import prepare  # noqa: E402
+from cxr.prepare import prepare, split_arrays  # noqa: E402
 from cxr.synthetic import write_dataset  # noqa: E402
-from cxr.train import (  # noqa: E402
-    accelerator_settings,
-    augment_batch,
-    make_augmenter,
-    make_dataset,
-    settings_for,
-    split_arrays,
-)
+from cxr.train import accelerator_settings, make_dataset, settings_for  # noqa: E402
 
 
 class BatchTimer(keras.callbacks.Callback):
-    """Wall time at the end of every training batch."""
+    """Wall time and the process's CPU time at the end of every compiled call (one batch,
+    or `steps_per_execution` batches)."""
 
     def __init__(self):
         super().__init__()
         self.ends: list[float] = []
+        self.cpu: list[float] = []
 
     def on_train_batch_end(self, batch, logs=None):
         self.ends.append(time.perf_counter())
+        self.cpu.append(time.process_time())
 
 
-def steady_rate(ends: list[float], batch: int, warmup: int) -> float:
-    """Images/s between the end of batch `warmup` and the last batch."""
+def steady_rate(ends: list[float], images: int, warmup: int) -> float:
+    """Images/s between the end of call `warmup` and the last call, `images` per call."""
     timed = ends[warmup:]
-    return batch * (len(timed) - 1) / (timed[-1] - timed[0])
+    return images * (len(timed) - 1) / (timed[-1] - timed[0])
 
 
 def data(workdir: Path, size: int, n_train: int) -> tuple[Path, Path]:
@@ -87,11 +86,21 @@ def data(workdir: Path, size: int, n_train: int) -> tuple[Path, Path]:
     return raw / DATASET_DIR, prepared
 
 
-def fit_rate(model, dataset, steps: int, warmup: int, batch: int) -> float:
+def fit_rate(model, dataset, steps: int, warmup: int, batch: int) -> tuple[float, float]:
+    """(images/s, fraction of the CPU cores busy) of `steps` timed calls after `warmup`."""
     timer = BatchTimer()
     stop = keras.callbacks.EarlyStopping(monitor="loss", patience=100)
-    model.fit(dataset, epochs=1, steps_per_epoch=steps + warmup, callbacks=[timer, stop], verbose=0)
-    return steady_rate(timer.ends, batch, warmup)
+    per_call = model.steps_per_execution
+    model.fit(
+        dataset,
+        epochs=1,
+        steps_per_epoch=(steps + warmup) * per_call,
+        callbacks=[timer, stop],
+        verbose=0,
+    )
+    wall = timer.ends[-1] - timer.ends[warmup]
+    busy = (timer.cpu[-1] - timer.cpu[warmup]) / wall / len(os.sched_getaffinity(0))
+    return steady_rate(timer.ends, batch * per_call, warmup), busy
 
 
 def bench_model(name, params, png_root, prepared, args) -> dict:
@@ -102,30 +111,32 @@ def bench_model(name, params, png_root, prepared, args) -> dict:
     keras.mixed_precision.set_dtype_policy(accel["policy"])
     batch = args.batch_size
     x, y, summary = split_arrays(prepared, "train")
-    augment = make_augmenter(cfg["augment"], 0) if args.augment else None
-    n_steps = args.steps + args.warmup
+    augment = cfg["augment"] if args.augment else dict.fromkeys(cfg["augment"], 0)
+    n_steps = (args.steps + args.warmup) * accel["steps_per_execution"]
 
     def fresh_model():
         keras.utils.set_random_seed(0)
         model = build_model(name, x.shape[1:], len(summary["classes"]), **builder_cfg)
-        model.compile(
+        fitted = training_model(model, make_augmenter(augment, 0))
+        fitted.compile(
             optimizer=keras.optimizers.Adam(1e-4),
             loss="sparse_categorical_crossentropy",
             metrics=["accuracy"],
             jit_compile=accel["jit_compile"],
+            steps_per_execution=accel["steps_per_execution"],
         )
-        return model
+        return fitted
 
     # (a) the stage's input pipeline alone
-    pipeline = make_dataset(x, y, batch, True, 0, augment).repeat()
+    pipeline = make_dataset(x, y, batch, True, 0).repeat()
     ends = []
     for _ in pipeline.take(n_steps * 2):
         ends.append(time.perf_counter())
     a = steady_rate(ends, batch, args.warmup)
-    # (b) compute ceiling: one batch in memory, no pipeline
-    xb = tf.constant(x[:batch].astype(np.float32))
+    # (b) compute ceiling: one batch in memory (on the device), no pipeline
+    xb = tf.constant(x[:batch])
     yb = tf.constant(y[:batch])
-    b = fit_rate(
+    b, _ = fit_rate(
         fresh_model(),
         tf.data.Dataset.from_tensors((xb, yb)).repeat(),
         args.steps,
@@ -133,9 +144,9 @@ def bench_model(name, params, png_root, prepared, args) -> dict:
         batch,
     )
     # (c) the train stage's loop
-    c = fit_rate(
+    c, busy = fit_rate(
         fresh_model(),
-        make_dataset(x, y, batch, True, 0, augment).repeat(),
+        make_dataset(x, y, batch, True, 0).repeat(),
         args.steps,
         args.warmup,
         batch,
@@ -151,9 +162,7 @@ def bench_model(name, params, png_root, prepared, args) -> dict:
         seed=0,
         verbose=False,
     )
-    if augment:  # the same augmentation as the train stage
-        files = files.map(augment_batch(augment), num_parallel_calls=tf.data.AUTOTUNE)
-    d = fit_rate(
+    d, _ = fit_rate(
         fresh_model(), files.prefetch(tf.data.AUTOTUNE).repeat(), args.steps, args.warmup, batch
     )
     return {
@@ -164,8 +173,11 @@ def bench_model(name, params, png_root, prepared, args) -> dict:
         "decode_every_epoch": round(d, 1),
         "efficiency": round(c / b, 3),
         "speedup": round(c / d, 2),
+        "cpu_busy": round(busy, 2),
         "policy": accel["policy"],
         "jit_compile": accel["jit_compile"],
+        "steps_per_execution": accel["steps_per_execution"],
+        "threads": accel["threads"],
     }
 
 
@@ -178,8 +190,10 @@ def main() -> None:
     )
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=12, help="timed steps per measurement")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument(
+        "--steps", type=int, default=12, help="timed calls (of steps_per_execution batches)"
+    )
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls first")
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument(
         "--weights", default="none", help="transfer models' weights (offline: none)"
@@ -204,8 +218,8 @@ def main() -> None:
         f"{args.warmup}, augmentation {'on' if args.augment else 'off'}\n"
     )
     columns = ["(a) pipeline", "(b) in memory", "(c) train stage", "(d) PNG every epoch"]
-    print("| model | " + " | ".join(columns) + " | (c)/(b) | (c)/(d) |")
-    print("|---|" + "---:|" * 6)
+    print("| model | " + " | ".join(columns) + " | (c)/(b) | (c)/(d) | cores busy (c) |")
+    print("|---|" + "---:|" * 7)
     rows = []
     for name in models:
         row = bench_model(name, params, png_root, prepared, args)
@@ -215,7 +229,7 @@ def main() -> None:
         print(
             f"| {name} | "
             + " | ".join(f"{r:.1f}" for r in rates)
-            + f" | {row['efficiency']:.2f} | {row['speedup']:.2f} |",
+            + f" | {row['efficiency']:.2f} | {row['speedup']:.2f} | {row['cpu_busy']:.2f} |",
             flush=True,
         )
     if args.out:

@@ -6,11 +6,11 @@ import keras
 import numpy as np
 import pytest
 
+from cxr.augment import RandomRadiograph, make_augmenter, served_part, training_model
 from cxr.models import build_model
 from cxr.train import (
     accelerator_settings,
     class_weights,
-    make_augmenter,
     make_dataset,
     settings_for,
 )
@@ -46,24 +46,87 @@ def test_model_overrides_win_for_that_model_only():
 
 def test_augmentation_changes_training_batches_only():
     x = np.tile(np.linspace(0, 255, 32, dtype=np.uint8), (16, 32, 1))[..., None]
-    y = np.arange(16) % 4
     assert make_augmenter(NO_AUGMENT, 0) is None
     augment = make_augmenter({**NO_AUGMENT, "rotation": 0.05, "shift": 0.1, "contrast": 0.2}, 0)
-    xb, yb = next(iter(make_dataset(x, y, 16, False, 0, augment)))
-    xb = xb.numpy()
-    assert xb.min() >= 0 and xb.max() <= 255
-    assert not np.allclose(xb, x)
-    assert np.array_equal(yb.numpy(), y)
-    xv, _ = next(iter(make_dataset(x, y, 16, False, 0)))
-    assert np.array_equal(xv.numpy(), x)
+    out = augment(x, training=True).numpy()
+    assert out.min() >= 0 and out.max() <= 255
+    assert not np.allclose(out, x)
+    assert np.array_equal(augment(x).numpy(), x)  # inference: untouched
+    # The input pipeline only batches: the validation and training batches are the pixels.
+    xb, yb = next(iter(make_dataset(x, np.arange(16) % 4, 16, False, 0)))
+    assert np.array_equal(xb.numpy(), x) and np.array_equal(yb.numpy(), np.arange(16) % 4)
+
+
+def test_augmentation_is_one_resampling_of_the_image():
+    x = np.random.default_rng(0).integers(0, 256, (8, 24, 24, 1)).astype(np.uint8)
+    # every setting at zero maps each pixel onto itself
+    assert np.array_equal(RandomRadiograph(seed=0)(x, training=True).numpy(), x)
+    # a flip alone gives each image either as it was or mirrored, both seen in a batch
+    flipped = RandomRadiograph(flip=True, seed=0)(x, training=True).numpy()
+    mirrored = [np.array_equal(f, i[:, ::-1]) for f, i in zip(flipped, x, strict=True)]
+    same = [np.array_equal(f, i) for f, i in zip(flipped, x, strict=True)]
+    assert all(m or s for m, s in zip(mirrored, same, strict=True))
+    assert any(mirrored) and any(same)
+    # zooming out leaves black (0) margins: the film's outside, never wrapped-around pixels
+    bright = np.full((8, 24, 24, 1), 200, np.uint8)
+    out = RandomRadiograph(zoom=0.5, seed=1)(bright, training=True).numpy()
+    assert (out == 0).any() and out.max() <= 200.001
+    # seeded: the same layer config draws the same sequence
+    a = RandomRadiograph(rotation=0.05, seed=3)(x, training=True).numpy()
+    b = RandomRadiograph(rotation=0.05, seed=3)(x, training=True).numpy()
+    assert np.array_equal(a, b)
+
+
+def test_training_model_trains_the_served_model_and_saves_without_augmentation(tmp_path):
+    model = build_model("cnn", (24, 24, 1), 4, filters=[4], dense_units=4)
+    fitted = training_model(model, make_augmenter({**NO_AUGMENT, "rotation": 0.05}, 0))
+    assert served_part(fitted) is model and served_part(model) is model
+    fitted.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    before = [w.copy() for w in model.get_weights()]
+    x = np.random.default_rng(0).integers(0, 256, (8, 24, 24, 1)).astype(np.uint8)
+    fitted.train_on_batch(x, np.arange(8) % 4)
+    assert any(not np.array_equal(a, b) for a, b in zip(before, model.get_weights(), strict=True))
+    model.save(tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras")
+    assert not any(isinstance(layer, RandomRadiograph) for layer in loaded.layers)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+    # the checkpoint of a killed run (the training model, optimizer included) loads back
+    fitted.save(tmp_path / "fitted.keras")
+    restored = keras.saving.load_model(tmp_path / "fitted.keras")
+    assert isinstance(restored.layers[1], RandomRadiograph)
+    np.testing.assert_allclose(
+        served_part(restored).predict(x, verbose=0), model.predict(x, verbose=0)
+    )
 
 
 def test_cpu_defaults_to_float32_without_xla():
-    accel = accelerator_settings({"mixed_precision": "auto", "jit_compile": "auto"})
+    auto = {"mixed_precision": "auto", "jit_compile": "auto", "steps_per_execution": "auto"}
+    accel = accelerator_settings({**auto, "threads": "auto"})
     assert accel["policy"] == "float32" and accel["jit_compile"] is False
-    assert accel["strategy"].num_replicas_in_sync == 1
-    forced = accelerator_settings({"mixed_precision": "on", "jit_compile": True})
+    assert accel["strategy"].num_replicas_in_sync == 1 and accel["steps_per_execution"] == 1
+    assert accel["threads"] >= 1
+    forced = accelerator_settings(
+        {"mixed_precision": "on", "jit_compile": True, "steps_per_execution": 4, "threads": 1}
+    )
     assert forced["policy"] == "mixed_bfloat16" and forced["jit_compile"] is True
+    assert forced["steps_per_execution"] == 4
+
+
+def test_thread_pools_follow_the_cpu_affinity_in_a_fresh_process():
+    script = textwrap.dedent("""
+        import os, tensorflow as tf
+        from cxr.train import accelerator_settings
+        accel = accelerator_settings({"mixed_precision": "auto", "jit_compile": "auto",
+                                      "steps_per_execution": "auto", "threads": "auto"})
+        print("threads", accel["threads"], tf.config.threading.get_intra_op_parallelism_threads(),
+              tf.config.threading.get_inter_op_parallelism_threads(), len(os.sched_getaffinity(0)))
+    """)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    threads, intra, inter, cores = out.stdout.split("threads ")[1].split()
+    assert threads == intra == inter == cores
 
 
 @pytest.mark.parametrize("name", ["cnn4_bn", "resnet50v2"])
@@ -72,10 +135,18 @@ def test_mixed_precision_and_xla_train_a_step_on_cpu(name):
     try:
         kwargs = {"weights": "none", "dense_units": 8} if name == "resnet50v2" else {}
         model = build_model(name, (32, 32, 1), 4, **kwargs)
-        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", jit_compile=True)
+        augment = {"rotation": 0.02, "shift": 0.05, "zoom": 0.1, "brightness": 0.1}
+        fitted = training_model(model, make_augmenter({**NO_AUGMENT, **augment}, 0))
+        fitted.compile(
+            optimizer="adam",
+            loss="sparse_categorical_crossentropy",
+            jit_compile=True,
+            steps_per_execution=2,
+        )
+        assert fitted.jit_compile is True  # Keras turns XLA off for layers that cannot take it
         x = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 1)).astype(np.uint8)
-        loss = model.train_on_batch(x, np.arange(8) % 4)
-        assert np.isfinite(loss)
+        history = fitted.fit(x, np.arange(8) % 4, batch_size=2, epochs=1, verbose=0)
+        assert np.isfinite(history.history["loss"][0])
         assert model.output.dtype == "float32"
         assert any(layer.compute_dtype == "bfloat16" for layer in model.layers)
     finally:
@@ -89,11 +160,13 @@ def test_mirrored_strategy_on_two_logical_cpus_trains_an_epoch():
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        from cxr.augment import RandomRadiograph, training_model
         from cxr.models import build_model
         from cxr.train import make_dataset
         strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
         with strategy.scope():
             model = build_model("cnn4_bn", (32, 32, 1), 4, filters=[8, 8, 8, 8])
+            model = training_model(model, RandomRadiograph(rotation=0.02, zoom=0.1, seed=0))
             model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
         x = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 1)).astype(np.uint8)
         history = model.fit(make_dataset(x, np.arange(64) % 4, 16, True, 0), epochs=1, verbose=0)
@@ -122,8 +195,7 @@ def test_training_batches_hold_the_decoded_files_and_their_folder_labels(synthet
 
     from cxr.classes import FOLDER_TO_LABEL, LABELS
     from cxr.images import load_grey
-    from cxr.prepare import load_prepared, prepare
-    from cxr.train import split_arrays
+    from cxr.prepare import load_prepared, prepare, split_arrays
 
     cfg = {
         "image_size": 32,

@@ -13,17 +13,21 @@ from cxr.errors import CxrError
 from cxr.params import flatten, load_params
 
 
-def demo_command(params_path: Path = Path("params.yaml")) -> list[str]:
-    """`dvc exp run --temp -S key=value ...` with params.yaml's `demo:` overrides."""
-    params = load_params(params_path)
-    known = flatten(params)
+def exp_run_command(overrides: dict, params_path: Path = Path("params.yaml")) -> list[str]:
+    """`dvc exp run --temp -S key=value ...` that applies `overrides` (dotted keys)."""
+    known = flatten(load_params(params_path))
     command = ["dvc", "exp", "run", "--temp"]
-    for key, value in params["demo"].items():
+    for key, value in overrides.items():
         text = value if isinstance(value, str) else json.dumps(value)
         # DVC parses -S as Hydra overrides: a key params.yaml lacks is added with "+".
         prefix = "" if key in known else "+"
         command += ["-S", f"{prefix}{key}={text}"]
     return command
+
+
+def demo_command(params_path: Path = Path("params.yaml")) -> list[str]:
+    """The `dvc exp run` of params.yaml's `demo:` overrides."""
+    return exp_run_command(load_params(params_path)["demo"], params_path)
 
 
 def demo(args: argparse.Namespace) -> int:

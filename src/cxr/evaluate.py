@@ -17,7 +17,8 @@ from cxr import tracking
 from cxr.errors import CxrError
 from cxr.io import atomic_path, pyplot, read_json, save_figure, write_json
 from cxr.metrics import bootstrap_ci, calibration, per_source, scores
-from cxr.train import split_arrays
+from cxr.prepare import split_arrays
+from cxr.timing import Phases
 
 
 def grad_cam(model, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -203,6 +204,7 @@ def evaluate(
     import keras
     import mlflow
 
+    phases = Phases(f"evaluate@{name}")
     cfg = params["evaluate"]
     record = read_json(run_record)
     run = tracking.find_run(record["run_id"])
@@ -217,7 +219,9 @@ def evaluate(
     classes = summary["classes"]
     model = keras.saving.load_model(model_path)  # safe mode: no code runs from the file
     probs = model.predict(x, batch_size=cfg["batch_size"], verbose=0).astype(np.float64)
+    phases.done("predict")
     metrics = test_metrics(y, probs, classes, cfg)
+    phases.done("metrics")
 
     figure_dir = out_dir / "figures"
     figure_dir.mkdir(parents=True, exist_ok=True)
@@ -250,6 +254,7 @@ def evaluate(
         f"{name}: where the model looks (Grad-CAM, predicted class)",
     )
 
+    phases.done("figures")
     flat = {k: v for k, v in metrics.items() if isinstance(v, float)}
     for c, figures in metrics["per_class"].items():
         flat.update({f"{k}_{c}": v for k, v in figures.items() if k != "support"})
@@ -267,4 +272,6 @@ def evaluate(
         mlflow.log_artifact(str(out_dir / "test.json"), artifact_path="evaluation")
         mlflow.log_artifact(str(out_dir / "predictions.csv"), artifact_path="evaluation")
         mlflow.log_artifact(str(out_dir / "per_source.json"), artifact_path="evaluation")
+    phases.done("logging")
+    print(phases.line())
     return metrics

@@ -60,6 +60,8 @@ SCHEMA: dict[str, Any] = {
         },
         "mixed_precision": str,
         "jit_compile": (str, bool),
+        "steps_per_execution": (str, int),
+        "threads": (str, int),
     },
     "models": dict,
     "evaluate": {
@@ -156,6 +158,11 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
             )
     if train["jit_compile"] not in ("auto", True, False):
         raise ParamsError("params.yaml: train.jit_compile must be auto, true or false.")
+    for key in ("steps_per_execution", "threads"):
+        if train[key] != "auto" and not (isinstance(train[key], int) and train[key] >= 1):
+            raise ParamsError(
+                f"params.yaml: train.{key} is {train[key]!r}; expected auto or a whole number >= 1."
+            )
     for model in params["train"]["models"]:
         if model not in params["models"]:
             raise ParamsError(

@@ -561,3 +561,13 @@ def load_prepared(prepared: Path) -> tuple[np.ndarray, list[dict[str, str]], dic
     with open(prepared / "manifest.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     return images, rows, read_json(prepared / "dataset.json")
+
+
+def split_arrays(prepared: Path, split: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """(images (n, H, W, 1) uint8, labels (n,) int32, dataset summary) of one split."""
+    images, rows, summary = load_prepared(prepared)
+    index = {label: i for i, label in enumerate(summary["classes"])}
+    chosen = [r for r in rows if r["split"] == split]
+    x = images[[int(r["index"]) for r in chosen]][..., None]
+    y = np.array([index[r["label"]] for r in chosen], dtype=np.int32)
+    return x, y, summary

@@ -17,7 +17,8 @@ import numpy as np
 from cxr import tracking
 from cxr.io import atomic_path, read_json, write_json
 from cxr.metrics import scores
-from cxr.train import MODEL_REQUIREMENTS, pinned_requirements, split_arrays
+from cxr.prepare import split_arrays
+from cxr.tracking import MODEL_REQUIREMENTS, pinned_requirements
 
 ALIAS = "champion"
 # What the served pyfunc needs besides the lock file's pins of MODEL_REQUIREMENTS.

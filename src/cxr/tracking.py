@@ -31,6 +31,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 from cxr.io import read_json, write_json
 
+LOCK_FILE = Path("requirements.lock")  # stages run in the repository root
+# What a logged model needs to load and serve; exact versions come from the lock file.
+MODEL_REQUIREMENTS = ("mlflow", "keras", "tensorflow", "numpy")
+
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 GROUP_FILES = ("dvc.yaml", "params.yaml", "data.dvc")
@@ -206,3 +210,17 @@ def log_data_report(params: dict[str, Any], report: dict[str, Any], report_dir: 
             }
         )
         mlflow.log_artifacts(str(report_dir), artifact_path="data_report")
+
+
+def pinned_requirements(
+    names: tuple[str, ...] = MODEL_REQUIREMENTS, lock: Path = LOCK_FILE
+) -> list[str] | None:
+    """`name==version` lines of `names` from the lock file (None if absent)."""
+    if not lock.is_file():
+        return None
+    pins = {}
+    for line in lock.read_text().splitlines():
+        name, sep, _ = line.partition("==")
+        if sep and name.strip().lower() in names:
+            pins[name.strip().lower()] = line.strip()
+    return [pins[name] for name in names if name in pins]

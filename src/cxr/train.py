@@ -17,82 +17,19 @@ import numpy as np
 from cxr import tracking
 from cxr.io import atomic_path, pyplot, read_json, save_figure, write_json
 from cxr.params import flatten
-from cxr.prepare import load_prepared
-
-LOCK_FILE = Path("requirements.lock")  # stages run in the repository root
-# What a logged model needs to load and serve; exact versions come from the lock file.
-MODEL_REQUIREMENTS = ("mlflow", "keras", "tensorflow", "numpy")
+from cxr.prepare import split_arrays
+from cxr.timing import Phases
 
 
-def split_arrays(prepared: Path, split: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """(images (n, H, W, 1) uint8, labels (n,) int32, dataset summary) of one split."""
-    images, rows, summary = load_prepared(prepared)
-    index = {label: i for i, label in enumerate(summary["classes"])}
-    chosen = [r for r in rows if r["split"] == split]
-    x = images[[int(r["index"]) for r in chosen]][..., None]
-    y = np.array([index[r["label"]] for r in chosen], dtype=np.int32)
-    return x, y, summary
-
-
-def make_augmenter(augment: dict[str, Any], seed: int):
-    """Keras random layers for training batches (pixel values stay 0-255), or None.
-
-    `rotation` is a fraction of a full turn, `shift` and `zoom` fractions of the image,
-    `brightness` and `contrast` fractions of the range; no left-right flip unless `flip`
-    (a radiograph's left and right differ: the heart is on one side)."""
-    layers = keras.layers
-
-    steps = []
-    if augment["rotation"]:
-        steps.append(layers.RandomRotation(augment["rotation"], fill_mode="constant", seed=seed))
-    if augment["shift"]:
-        steps.append(
-            layers.RandomTranslation(
-                augment["shift"], augment["shift"], fill_mode="constant", seed=seed + 1
-            )
-        )
-    if augment["zoom"]:
-        steps.append(layers.RandomZoom(augment["zoom"], fill_mode="constant", seed=seed + 2))
-    if augment["brightness"]:
-        steps.append(
-            layers.RandomBrightness(augment["brightness"], value_range=(0, 255), seed=seed + 3)
-        )
-    if augment["contrast"]:
-        steps.append(
-            layers.RandomContrast(augment["contrast"], value_range=(0, 255), seed=seed + 4)
-        )
-    if augment["flip"]:
-        steps.append(layers.RandomFlip("horizontal", seed=seed + 5))
-    return steps or None
-
-
-def make_dataset(
-    x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int, augment=None
-):
-    """tf.data over in-memory arrays: shuffled and augmented for training only."""
+def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int):
+    """tf.data over the cached uint8 arrays, shuffled for training. No per-image work on the
+    host: augmentation runs inside the training step (cxr.augment)."""
     import tensorflow as tf
 
     ds = tf.data.Dataset.from_tensor_slices((x, y))
     if shuffle:
         ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size)
-    if augment:
-        ds = ds.map(augment_batch(augment), num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE)
-
-
-def augment_batch(augment):
-    """The tf.data map function that applies the augmenter's layers to a batch of training
-    images (as float32, pixels kept in 0-255)."""
-    import tensorflow as tf
-
-    def apply(images, labels):
-        images = tf.cast(images, tf.float32)
-        for layer in augment:
-            images = layer(images, training=True)
-        return tf.clip_by_value(images, 0.0, 255.0), labels
-
-    return apply
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
 def class_weights(y: np.ndarray, n_classes: int) -> dict[int, float]:
@@ -117,12 +54,24 @@ def oversample(y: np.ndarray, n_classes: int, seed: int) -> np.ndarray:
 
 
 def accelerator_settings(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Resolve `auto` for mixed precision and XLA from the visible devices; pick a strategy.
+    """Resolve the `auto` settings from the visible devices; set TensorFlow's CPU threads.
 
-    Mixed precision: bfloat16 on GPUs that have it (compute capability 8.0+), else float16;
-    off on CPU. XLA (jit_compile): on with a GPU. Several GPUs: MirroredStrategy."""
+    Threads (`threads`): every core this process may use (its CPU affinity, which follows
+    taskset and container CPU sets, not the host's count), for both of TensorFlow's thread
+    pools; set before TensorFlow starts its runtime (in a process where it has already
+    started, the running pools stay). Mixed precision: bfloat16 on GPUs that have it (compute
+    capability 8.0+), else float16; off on CPU. XLA (jit_compile): on with a GPU.
+    `steps_per_execution`: 32 batches per compiled call with a GPU (one host round trip per
+    32 steps), 1 on CPU (no gain there, and per-batch progress stays exact). Several GPUs:
+    MirroredStrategy."""
     import tensorflow as tf
 
+    threads = len(os.sched_getaffinity(0)) if cfg["threads"] == "auto" else cfg["threads"]
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:  # the runtime already runs (tests, notebooks): keep its pools
+        threads = tf.config.threading.get_intra_op_parallelism_threads() or threads
     gpus = tf.config.list_physical_devices("GPU")
     policy = "float32"
     if cfg["mixed_precision"] == "on" or (cfg["mixed_precision"] == "auto" and gpus):
@@ -133,25 +82,20 @@ def accelerator_settings(cfg: dict[str, Any]) -> dict[str, Any]:
         policy = "mixed_bfloat16" if not gpus or major >= 8 else "mixed_float16"
     jit = cfg["jit_compile"]
     jit = bool(gpus) if jit == "auto" else bool(jit)
+    steps = cfg["steps_per_execution"]
+    steps = (32 if gpus else 1) if steps == "auto" else steps
     logical = tf.config.list_logical_devices("GPU")
     strategy = (
         tf.distribute.MirroredStrategy() if len(logical) > 1 else (tf.distribute.get_strategy())
     )
-    return {"policy": policy, "jit_compile": jit, "strategy": strategy, "gpus": len(gpus)}
-
-
-def pinned_requirements(
-    names: tuple[str, ...] = MODEL_REQUIREMENTS, lock: Path = LOCK_FILE
-) -> list[str] | None:
-    """`name==version` lines of `names` from the lock file (None if absent)."""
-    if not lock.is_file():
-        return None
-    pins = {}
-    for line in lock.read_text().splitlines():
-        name, sep, _ = line.partition("==")
-        if sep and name.strip().lower() in names:
-            pins[name.strip().lower()] = line.strip()
-    return [pins[name] for name in names if name in pins]
+    return {
+        "policy": policy,
+        "jit_compile": jit,
+        "steps_per_execution": steps,
+        "threads": threads,
+        "strategy": strategy,
+        "gpus": len(gpus),
+    }
 
 
 def plot_curves(history: dict[str, list[float]], path: Path, title: str) -> None:
@@ -202,7 +146,7 @@ def log_keras_model(model, example: np.ndarray) -> str:
             name="model",
             signature=infer_signature(example, model.predict(example, verbose=0)),
             input_example=example,
-            pip_requirements=pinned_requirements(),
+            pip_requirements=tracking.pinned_requirements(),
         )
     finally:
         keras_save._save_example = original
@@ -226,12 +170,14 @@ def train(
     import mlflow
     import tensorflow as tf
 
+    from cxr.augment import make_augmenter, served_part, training_model
     from cxr.models import build_model
 
+    phases = Phases(f"train@{name}")
     cfg, builder_cfg = settings_for(name, params)
+    accel = accelerator_settings(cfg)  # first: thread pools are set before TensorFlow starts
     keras.utils.set_random_seed(cfg["seed"])
     tf.config.experimental.enable_op_determinism()
-    accel = accelerator_settings(cfg)
     keras.mixed_precision.set_dtype_policy(accel["policy"])
 
     x_train, y_train, summary = split_arrays(prepared, "train")
@@ -244,9 +190,9 @@ def train(
     elif cfg["imbalance"] == "oversample":
         keep = oversample(y_train, len(classes), cfg["seed"])
         x_train, y_train = x_train[keep], y_train[keep]
-    augment = make_augmenter(cfg["augment"], cfg["seed"])
-    train_ds = make_dataset(x_train, y_train, batch, True, cfg["seed"], augment)
+    train_ds = make_dataset(x_train, y_train, batch, True, cfg["seed"])
     val_ds = make_dataset(x_val, y_val, batch, False, cfg["seed"])
+    phases.done("data")
 
     # A killed training resumes from its last complete epoch, into the same MLflow run. The
     # checkpoint lives under the user's repository (not in the stage's outputs, which a `dvc
@@ -261,20 +207,26 @@ def train(
         if resumed and (restored is None or tracking.find_run(resumed) is None):
             shutil.rmtree(checkpoint)  # nothing usable to resume, or its run is not in this store
             restored, epochs_done, history, resumed = None, 0, {}, None
-        model = restored  # a restored model comes compiled, with its optimizer state
-        if model is None:
+        # `fitted` is what fit trains: the model behind the augmentation layer, sharing its
+        # weights; `model`, without the layer, is what is saved, logged and served.
+        fitted = restored  # a restored model comes compiled, with its optimizer state
+        if fitted is None:
             model = build_model(name, x_train.shape[1:], len(classes), **builder_cfg)
+            fitted = training_model(model, make_augmenter(cfg["augment"], cfg["seed"]))
             lr = cfg["learning_rate"]
             if cfg["schedule"] == "cosine":
                 steps = cfg["epochs"] * int(np.ceil(len(x_train) / batch))
                 lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=steps)
-            model.compile(
+            fitted.compile(
                 optimizer=keras.optimizers.Adam(lr),
                 loss="sparse_categorical_crossentropy",
                 metrics=["accuracy"],
                 jit_compile=accel["jit_compile"],
+                steps_per_execution=accel["steps_per_execution"],
             )
+        model = served_part(fitted)
     checkpoint.mkdir(parents=True, exist_ok=True)
+    phases.done("build")
 
     run_params = {
         **{f"train.{k}": v for k, v in flatten(cfg).items() if k != "models"},
@@ -287,9 +239,12 @@ def train(
         "runtime.dtype_policy": accel["policy"],
         "runtime.jit_compile": accel["jit_compile"],
         "runtime.replicas": accel["strategy"].num_replicas_in_sync,
+        "runtime.steps_per_execution": accel["steps_per_execution"],
+        "runtime.threads": accel["threads"],
     }
     tags = tracking.run_tags(stage=f"train@{name}", data_fingerprint=summary["fingerprint"])
     epoch_times = EpochTimer()
+    saver = EpochCheckpoint(checkpoint, history)
     with tracking.start_run(params["mlflow"]["experiment"], name, tags, run_id=resumed) as run:
         (checkpoint / "run_id").write_text(run.info.run_id)
         if resumed:
@@ -306,7 +261,7 @@ def train(
             context="training",
         )
         started = time.perf_counter()
-        fit = model.fit(
+        fit = fitted.fit(
             train_ds,
             validation_data=val_ds,
             epochs=cfg["epochs"],
@@ -319,13 +274,15 @@ def train(
                     restore_best_weights=True,
                 ),
                 epoch_times,
-                EpochCheckpoint(checkpoint, history),
+                saver,
                 mlflow.keras.MlflowCallback(),
                 keras.callbacks.TensorBoard(str(out_dir / "tensorboard")),
             ],
             verbose=2,
         )
         seconds = time.perf_counter() - started
+        phases.done("fit")
+        phases.move("fit", "checkpoints", saver.seconds)
         if not history:  # no epoch ran (already complete): keras' own record
             history = {k: [float(v) for v in vals] for k, vals in fit.history.items()}
         best = int(np.argmin(history["val_loss"]))
@@ -360,8 +317,11 @@ def train(
         with atomic_path(out_dir / "model.keras") as tmp:
             model.save(tmp)
         tracking.write_run_record(report_dir / "mlflow_run.json", run, model_id=model_id)
+        phases.done("logging")
+        mlflow.log_metrics(phases.metrics())
     write_json(report_dir / "train.json", metrics)
     shutil.rmtree(checkpoint, ignore_errors=True)
+    print(phases.line())
     return metrics | timing
 
 
@@ -387,8 +347,10 @@ class EpochCheckpoint(keras.callbacks.Callback):
     def __init__(self, folder: Path, history: dict[str, list[float]]):
         super().__init__()
         self.folder, self.history = folder, history
+        self.seconds = 0.0  # spent saving, in all
 
     def on_epoch_end(self, epoch, logs=None):
+        started = time.perf_counter()
         for key, value in (logs or {}).items():
             if key != "learning_rate":
                 self.history.setdefault(key, []).append(float(value))
@@ -400,6 +362,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
         for old in self.folder.glob("epoch-*.keras"):
             if old != path:
                 old.unlink()
+        self.seconds += time.perf_counter() - started
 
 
 class EpochTimer(keras.callbacks.Callback):
