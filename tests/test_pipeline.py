@@ -200,6 +200,7 @@ def test_killed_training_resumes_into_the_same_run(tmp_path, mlflow_server):
             "train.models": ["cnn"],
             "train.epochs": epochs,
             "train.early_stopping_patience": 100,
+            "train.checkpoint_seconds": 0,
         },
     )
     env = {"MLFLOW_TRACKING_URI": mlflow_server}

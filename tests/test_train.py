@@ -179,6 +179,26 @@ def test_mirrored_strategy_on_two_logical_cpus_trains_an_epoch():
     assert "replicas 2 loss" in out.stdout
 
 
+@pytest.mark.parametrize("interval, saves", [(0, True), (3600, False)])
+def test_checkpoints_are_saved_once_their_interval_has_passed(tmp_path, interval, saves):
+    from cxr.io import read_json
+    from cxr.train import EpochCheckpoint
+
+    model = build_model("cnn", (16, 16, 1), 4, filters=[4], dense_units=4)
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    history: dict[str, list[float]] = {}
+    saver = EpochCheckpoint(tmp_path, history, interval)
+    x = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 1)).astype(np.uint8)
+    model.fit(x, np.arange(8) % 4, epochs=3, callbacks=[saver], verbose=0)
+    assert len(history["loss"]) == 3  # the history is kept every epoch either way
+    if saves:
+        assert read_json(tmp_path / "state.json")["epochs_done"] == 3
+        assert [p.name for p in tmp_path.glob("epoch-*.keras")] == ["epoch-3.keras"]
+        assert saver.seconds > 0
+    else:
+        assert not list(tmp_path.iterdir()) and saver.seconds == 0
+
+
 def test_oversampling_draws_smaller_classes_up_from_their_own_images():
     from cxr.train import oversample
 

@@ -62,6 +62,7 @@ SCHEMA: dict[str, Any] = {
         "jit_compile": (str, bool),
         "steps_per_execution": (str, int),
         "threads": (str, int),
+        "checkpoint_seconds": (int, float),
     },
     "models": dict,
     "evaluate": {
@@ -158,6 +159,8 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
             )
     if train["jit_compile"] not in ("auto", True, False):
         raise ParamsError("params.yaml: train.jit_compile must be auto, true or false.")
+    if train["checkpoint_seconds"] < 0:
+        raise ParamsError("params.yaml: train.checkpoint_seconds must be 0 (every epoch) or more.")
     for key in ("steps_per_execution", "threads"):
         if train[key] != "auto" and not (isinstance(train[key], int) and train[key] >= 1):
             raise ParamsError(

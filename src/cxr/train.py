@@ -244,7 +244,7 @@ def train(
     }
     tags = tracking.run_tags(stage=f"train@{name}", data_fingerprint=summary["fingerprint"])
     epoch_times = EpochTimer()
-    saver = EpochCheckpoint(checkpoint, history)
+    saver = EpochCheckpoint(checkpoint, history, cfg["checkpoint_seconds"])
     with tracking.start_run(params["mlflow"]["experiment"], name, tags, run_id=resumed) as run:
         (checkpoint / "run_id").write_text(run.info.run_id)
         if resumed:
@@ -341,19 +341,27 @@ def load_checkpoint(folder: Path) -> tuple[Any, int, dict[str, list[float]]]:
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
-    """After every epoch, save the model (with its optimizer state) and the history so far,
-    each atomically: a kill at any moment leaves the last complete epoch to resume from."""
+    """At the end of an epoch, once `interval` seconds have passed since the last save (or
+    the start), save the model (with its optimizer state) and the history so far, each
+    atomically: a kill at any moment leaves a complete epoch to resume from, and loses at
+    most `interval` seconds plus one epoch of training. `interval` 0: every epoch."""
 
-    def __init__(self, folder: Path, history: dict[str, list[float]]):
+    def __init__(self, folder: Path, history: dict[str, list[float]], interval: float):
         super().__init__()
-        self.folder, self.history = folder, history
+        self.folder, self.history, self.interval = folder, history, interval
         self.seconds = 0.0  # spent saving, in all
+        self._last = time.perf_counter()
+
+    def on_train_begin(self, logs=None):
+        self._last = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
-        started = time.perf_counter()
         for key, value in (logs or {}).items():
             if key != "learning_rate":
                 self.history.setdefault(key, []).append(float(value))
+        started = time.perf_counter()
+        if started - self._last < self.interval:
+            return
         path = self.folder / f"epoch-{epoch + 1}.keras"
         with atomic_path(path) as tmp:
             self.model.save(tmp)
@@ -362,7 +370,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
         for old in self.folder.glob("epoch-*.keras"):
             if old != path:
                 old.unlink()
-        self.seconds += time.perf_counter() - started
+        self._last = time.perf_counter()
+        self.seconds += self._last - started
 
 
 class EpochTimer(keras.callbacks.Callback):
