@@ -194,7 +194,7 @@ def train(
     val_ds = make_dataset(x_val, y_val, batch, False, cfg["seed"])
     phases.done("data")
 
-    # A killed training resumes from its last complete epoch, into the same MLflow run. The
+    # A killed training resumes from its last checkpoint, into the same MLflow run. The
     # checkpoint lives under the user's repository (not in the stage's outputs, which a `dvc
     # exp run --temp` copy would take with it), keyed by everything that shapes the training.
     key = hashlib.sha256(
