@@ -39,7 +39,12 @@ from cxr.classes import DATASET_DIR, LABELS  # noqa: E402
 from cxr.params import load_params  # noqa: E402
 from cxr.prepare import prepare, split_arrays  # noqa: E402
 from cxr.synthetic import write_dataset  # noqa: E402
-from cxr.train import accelerator_settings, make_dataset, settings_for  # noqa: E402
+from cxr.train import (  # noqa: E402
+    accelerator_settings,
+    compile_for_training,
+    make_dataset,
+    settings_for,
+)
 
 
 class BatchTimer(keras.callbacks.Callback):
@@ -118,13 +123,7 @@ def bench_model(name, params, png_root, prepared, args) -> dict:
         keras.utils.set_random_seed(0)
         model = build_model(name, x.shape[1:], len(summary["classes"]), **builder_cfg)
         fitted = training_model(model, make_augmenter(augment, 0))
-        fitted.compile(
-            optimizer=keras.optimizers.Adam(1e-4),
-            loss="sparse_categorical_crossentropy",
-            metrics=["accuracy"],
-            jit_compile=accel["jit_compile"],
-            steps_per_execution=accel["steps_per_execution"],
-        )
+        compile_for_training(fitted, 1e-4, accel)
         return fitted
 
     # (a) the stage's input pipeline alone

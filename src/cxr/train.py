@@ -98,6 +98,18 @@ def accelerator_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def compile_for_training(fitted, learning_rate, accel: dict[str, Any]) -> None:
+    """The train stage's compile (Adam, sparse cross-entropy, accuracy) with the resolved
+    XLA and steps-per-execution settings; the training benchmark compiles the same way."""
+    fitted.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        jit_compile=accel["jit_compile"],
+        steps_per_execution=accel["steps_per_execution"],
+    )
+
+
 def plot_curves(history: dict[str, list[float]], path: Path, title: str) -> None:
     plt = pyplot()
 
@@ -217,13 +229,7 @@ def train(
             if cfg["schedule"] == "cosine":
                 steps = cfg["epochs"] * int(np.ceil(len(x_train) / batch))
                 lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=steps)
-            fitted.compile(
-                optimizer=keras.optimizers.Adam(lr),
-                loss="sparse_categorical_crossentropy",
-                metrics=["accuracy"],
-                jit_compile=accel["jit_compile"],
-                steps_per_execution=accel["steps_per_execution"],
-            )
+            compile_for_training(fitted, lr, accel)
         model = served_part(fitted)
     checkpoint.mkdir(parents=True, exist_ok=True)
     phases.done("build")
