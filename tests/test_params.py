@@ -2,9 +2,9 @@ import pytest
 import yaml
 
 from cxr.classes import FOLDER_TO_LABEL, LABEL_TO_FOLDER, LABELS, check_labels
-from cxr.cli import demo_command
+from cxr.cli import profile_command
 from cxr.errors import CxrError
-from cxr.params import ParamsError, flatten, load_params
+from cxr.params import ParamsError, flatten, load_params, with_overrides
 from tests.conftest import ROOT
 
 
@@ -57,7 +57,7 @@ def test_model_without_settings_is_named(tmp_path):
 
 
 def test_demo_command_passes_each_override():
-    command = demo_command(ROOT / "params.yaml")
+    command = profile_command("demo", params_path=ROOT / "params.yaml")
     assert command[:4] == ["dvc", "exp", "run", "--temp"]
     demo = load_params(ROOT / "params.yaml")["demo"]
     assert demo["data.source"] == "synthetic"
@@ -65,6 +65,22 @@ def test_demo_command_passes_each_override():
     assert "data.source=synthetic" in pairs and len(pairs) == len(demo)
     # A key params.yaml lacks is added with Hydra's "+" (DVC refuses it otherwise).
     assert "+models.resnet50v2.epochs=12" in pairs
+
+
+def test_profile_command_reads_an_archive(tmp_path):
+    command = profile_command("real_cpu", tmp_path, ROOT / "params.yaml")
+    pairs = [command[i + 1] for i in range(4, len(command), 2)]
+    assert "data.source=archive" in pairs
+    assert f"data.archive={tmp_path.resolve()}" in pairs
+    # Its own classes: the three the real dev set has.
+    assert 'data.classes=["covid", "normal", "pneumonia"]' in pairs
+
+
+def test_with_overrides_copies_and_sets_dotted_keys():
+    params = {"a": {"b": 1}, "c": 2}
+    result = with_overrides(params, {"a.b": 5, "a.new.deep": 3})
+    assert result == {"a": {"b": 5, "new": {"deep": 3}}, "c": 2}
+    assert params == {"a": {"b": 1}, "c": 2}
 
 
 def test_flatten():

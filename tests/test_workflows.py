@@ -9,6 +9,7 @@ import subprocess
 import pytest
 import yaml
 
+from cxr.params import PROFILES
 from tests.conftest import BIN, ROOT
 
 WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
@@ -65,13 +66,18 @@ def test_dispatch_inputs_reach_the_shell_through_the_environment_only():
                 assert "${{ inputs." not in step.get("run", ""), (workflow.name, step)
 
 
-@pytest.mark.parametrize("entry", ["main", "demo", "train", "evaluate", "register"])
+@pytest.mark.parametrize("entry", ["main", "demo", "real_cpu", "train", "evaluate", "register"])
 def test_mlproject_entry_points_run_dvc_stages_that_exist(entry):
     project = yaml.safe_load((ROOT / "MLproject").read_text())
     command = project["entry_points"][entry]["command"]
-    assert command.split()[0] in ("dvc", "cxr")
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    for word in command.split()[2:]:
-        assert word.split("@")[0] in stages, word
+    words = command.split()
+    if words[0] == "cxr":  # the whole pipeline with a params.yaml profile
+        assert words[1:3] in (["demo"], ["profile", entry]), command
+        assert entry == "demo" or entry in PROFILES
+    else:
+        assert words[:2] == ["dvc", "repro"], command
+        stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+        for word in words[2:]:
+            assert word.split("@")[0] in stages, word
     env = yaml.safe_load((ROOT / project["python_env"]).read_text())
     assert "-r requirements.lock" in env["dependencies"]

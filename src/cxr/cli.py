@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from cxr.errors import CxrError
-from cxr.params import flatten, load_params
+from cxr.params import PROFILES, flatten, load_params
 
 
 def exp_run_command(overrides: dict, params_path: Path = Path("params.yaml")) -> list[str]:
@@ -25,13 +25,21 @@ def exp_run_command(overrides: dict, params_path: Path = Path("params.yaml")) ->
     return command
 
 
-def demo_command(params_path: Path = Path("params.yaml")) -> list[str]:
-    """The `dvc exp run` of params.yaml's `demo:` overrides."""
-    return exp_run_command(load_params(params_path)["demo"], params_path)
+def profile_command(
+    name: str = "demo", archive: Path | None = None, params_path: Path = Path("params.yaml")
+) -> list[str]:
+    """The `dvc exp run` of a params.yaml profile's overrides (`demo:`, `real_cpu:`), reading
+    the images from `archive` (a zip or folder in the Kaggle layout) when given."""
+    overrides = dict(load_params(params_path)[name])
+    if archive is not None:
+        overrides.update({"data.source": "archive", "data.archive": str(archive.resolve())})
+    return exp_run_command(overrides, params_path)
 
 
 def demo(args: argparse.Namespace) -> int:
-    command = demo_command() + list(args.dvc_args)
+    if args.archive is not None and not args.archive.exists():
+        raise CxrError(f"--archive {args.archive} does not exist; pass a zip or a folder.")
+    command = profile_command(args.profile, args.archive) + list(args.dvc_args)
     print("+", shlex.join(command), flush=True)
     if args.dry_run:
         return 0
@@ -75,6 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cxr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="run the whole pipeline offline on synthetic phantoms")
+    p.add_argument("--dry-run", action="store_true", help="print the dvc command only")
+    p.add_argument("dvc_args", nargs=argparse.REMAINDER, help="extra `dvc exp run` arguments")
+    p.set_defaults(func=demo, profile="demo", archive=None)
+    p = sub.add_parser(
+        "profile",
+        help="run the whole pipeline with a params.yaml profile (e.g. real_cpu), as `cxr demo`",
+    )
+    p.add_argument("profile", choices=PROFILES, help="the params.yaml section of overrides")
+    p.add_argument("--archive", type=Path, help="read the images from this zip or folder")
     p.add_argument("--dry-run", action="store_true", help="print the dvc command only")
     p.add_argument("dvc_args", nargs=argparse.REMAINDER, help="extra `dvc exp run` arguments")
     p.set_defaults(func=demo)

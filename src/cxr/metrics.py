@@ -25,6 +25,11 @@ def _f1_from_confusions(conf: np.ndarray) -> np.ndarray:
     return np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
 
 
+def macro_f1(y: np.ndarray, pred: np.ndarray, k: int) -> float:
+    """Mean per-class F1 of predicted labels."""
+    return float(_f1_from_confusions(confusion(y, pred, k)).mean())
+
+
 def scores(y: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, Any]:
     """Accuracy, balanced accuracy, macro-F1, one-vs-rest ROC-AUC and per-class figures."""
     from sklearn.metrics import precision_recall_fscore_support, roc_auc_score

@@ -6,6 +6,7 @@ with a message naming them, so a typo in params.yaml fails before any work is do
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +77,12 @@ SCHEMA: dict[str, Any] = {
     "compare": {"metric": str},
     "register": {"model_name": str, "force": bool},
     "mlflow": {"experiment": str},
+    # Profiles: dotted-key overrides that `cxr demo` / `cxr profile NAME` pass to
+    # `dvc exp run --temp -S`, leaving this file as it is.
     "demo": dict,
+    "real_cpu": dict,
 }
+PROFILES = ("demo", "real_cpu")
 
 
 class ParamsError(CxrError):
@@ -173,6 +178,18 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
                 f"add a 'models.{model}' section (known: {sorted(params['models'])})."
             )
     return params
+
+
+def with_overrides(params: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `params` with dotted-key `overrides` applied ({'a.b': 1} sets a -> b)."""
+    result = copy.deepcopy(params)
+    for key, value in overrides.items():
+        *parents, last = key.split(".")
+        node = result
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return result
 
 
 def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,0 +1,257 @@
+"""The pipeline on real radiographs against pixel baselines, on the pipeline's own test split.
+
+    python benchmarks/real_benchmark.py --archive ../shared/data/cxr-real-dev
+        [--profile real_cpu] [--classes covid normal pneumonia] [-S key=value ...]
+        [--workdir DIR] [--out FILE.json] [--keep]
+
+Runs the whole pipeline on the archive (a zip or folder in the Kaggle layout) with the
+overrides of a params.yaml profile (`real_cpu:` by default; `demo:` gives the demo's
+settings), through `dvc exp run --temp --force` against a throw-away MLflow store in
+--workdir; params.yaml, dvc.lock and the workspace stay as they are. Then, on the same test
+images, it scores pixel baselines fitted on the same training split (`cxr.baselines`:
+logistic regression on 64x64 pixels, C=0.1, the bar; PCA + RBF SVM) and prints one table:
+accuracy and macro-F1 of every model and baseline with 95 % bootstrap intervals (the
+evaluate stage's method and seed on both sides), an exact McNemar test of each model against
+the logistic regression, and each model's training time (the train stage's fit phase) and
+stage wall time. The experiment's outputs (Grad-CAM overlays included) are copied to
+--workdir/<experiment>/ before the experiment is removed (unless --keep).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pipeline_benchmark import run, stage_table  # noqa: E402
+
+from cxr.baselines import BASELINES, fit_predict  # noqa: E402
+from cxr.cli import exp_run_command  # noqa: E402
+from cxr.download import download  # noqa: E402
+from cxr.metrics import bootstrap_ci, macro_f1, mcnemar  # noqa: E402
+from cxr.params import load_params, with_overrides  # noqa: E402
+from cxr.prepare import load_prepared, prepare, split_arrays  # noqa: E402
+
+REFERENCE = "logistic_regression"
+
+
+def overrides(args: argparse.Namespace) -> dict:
+    chosen = dict(load_params()[args.profile])
+    chosen.update(
+        {
+            "data.source": "archive",
+            "data.archive": str(args.archive.resolve()),
+            "data.classes": list(args.classes),
+        }
+    )
+    for item in args.set:
+        key, _, value = item.partition("=")
+        chosen[key] = yaml.safe_load(value)  # as DVC reads it: numbers, lists, booleans
+    return chosen
+
+
+def experiment_ref(name: str) -> str:
+    refs = subprocess.run(
+        ["git", "for-each-ref", "--format=%(refname)", "refs/exps"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    found = [r for r in refs if r.endswith(f"/{name}")]
+    if not found:
+        sys.exit(f"real_benchmark: no DVC experiment named {name} (did the pipeline fail?)")
+    return found[0]
+
+
+def git_show(ref: str, path: str) -> bytes:
+    return subprocess.run(["git", "show", f"{ref}:{path}"], capture_output=True, check=True).stdout
+
+
+def export_outputs(ref: str, dest: Path) -> None:
+    """The experiment's git-tracked outputs (metrics, predictions, figures, reports)."""
+    paths = subprocess.run(
+        ["git", "ls-tree", "-r", "--name-only", ref, "evaluation", "reports"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for path in paths:
+        (dest / path).parent.mkdir(parents=True, exist_ok=True)
+        (dest / path).write_bytes(git_show(ref, path))
+
+
+def model_predictions(ref: str, model: str, classes: list[str]) -> tuple[list[str], np.ndarray]:
+    """(test image paths, predicted class indices) from the experiment's predictions.csv."""
+    text = git_show(ref, f"evaluation/{model}/predictions.csv").decode()
+    rows = list(csv.DictReader(io.StringIO(text)))
+    index = {c: i for i, c in enumerate(classes)}
+    return [r["path"] for r in rows], np.array([index[r["predicted"]] for r in rows])
+
+
+def interval(values: tuple[float, float, float]) -> str:
+    return f"{values[0]:.3f} [{values[1]:.3f}, {values[2]:.3f}]"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--archive", type=Path, required=True, help="zip or folder, Kaggle layout")
+    parser.add_argument("--profile", default="real_cpu", help="params.yaml section of overrides")
+    parser.add_argument("--classes", nargs="+", default=["covid", "normal", "pneumonia"])
+    parser.add_argument("-S", "--set", action="append", default=[], help="extra key=value")
+    parser.add_argument(
+        "--workdir", type=Path, default=Path(tempfile.gettempdir()) / "cxr-real-bench"
+    )
+    parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
+    parser.add_argument("--keep", action="store_true", help="keep the DVC experiment")
+    args = parser.parse_args()
+    if not args.archive.exists():
+        sys.exit(f"real_benchmark: {args.archive} does not exist; pass --archive DIR_OR_ZIP.")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+
+    chosen = overrides(args)
+    params = with_overrides(load_params(), chosen)
+    name = f"real-{time.strftime('%Y%m%d-%H%M%S')}"
+    command = [*exp_run_command(chosen), "--force", "--name", name]
+    store = args.workdir / f"{name}.db"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store.resolve()}"}
+    print("+", " ".join(command), flush=True)
+    code, lines = run(command, env)
+    if code:
+        sys.exit(f"real_benchmark: the pipeline failed (exit code {code}); see its output above.")
+    stages = {row["stage"]: row for row in stage_table(lines)}
+    ref = experiment_ref(name)
+    outputs = args.workdir / name
+    export_outputs(ref, outputs)
+
+    # The baselines see the same split: prepare is deterministic, so preparing the same raw
+    # files with the same settings gives the experiment's split; the test paths are checked.
+    scratch = args.workdir / f"{name}-prepare"
+    data = params["data"]
+    download(data, scratch / "raw", scratch / "download.json", cache_dir=scratch / "cache")
+    prepare(
+        scratch / "raw",
+        [],
+        data["classes"],
+        params["prepare"],
+        scratch / "prepared",
+        topup=data["topup"],
+    )
+    x_train, y_train, summary = split_arrays(scratch / "prepared", "train")
+    x_test, y_test, _ = split_arrays(scratch / "prepared", "test")
+    classes = summary["classes"]
+    # Manifest paths are relative to the working folder: compare them from raw/ on.
+    test_paths = [
+        Path(r["path"]).resolve().relative_to((scratch / "raw").resolve()).as_posix()
+        for r in load_prepared(scratch / "prepared")[1]
+        if r["split"] == "test"
+    ]
+
+    ev = params["evaluate"]
+    rows = []
+    predictions = {}
+    for baseline in BASELINES:
+        t0 = time.perf_counter()
+        predictions[baseline] = fit_predict(baseline, x_train, y_train, x_test, seed=ev["seed"])
+        rows.append({"name": baseline, "kind": "baseline", "fit_seconds": time.perf_counter() - t0})
+    for model in params["train"]["models"]:
+        paths, pred = model_predictions(ref, model, classes)
+        if [Path(p).relative_to("raw").as_posix() for p in paths] != test_paths:
+            sys.exit(f"real_benchmark: {model}'s test images differ from the baselines' split.")
+        predictions[model] = pred
+        phases = stages.get(f"train@{model}", {}).get("phases") or {}
+        rows.append(
+            {
+                "name": model,
+                "kind": "model",
+                "fit_seconds": phases.get("fit"),
+                "stage_seconds": stages.get(f"train@{model}", {}).get("seconds"),
+            }
+        )
+    for row in rows:
+        pred = predictions[row["name"]]
+        ci = bootstrap_ci(y_test, pred, len(classes), ev["bootstrap"], ev["ci_level"], ev["seed"])
+        accuracy = float((pred == y_test).mean())
+        macro = macro_f1(y_test, pred, len(classes))
+        row["accuracy"] = (accuracy, *ci["accuracy"])
+        row["macro_f1"] = (macro, *ci["macro_f1"])
+        row["mcnemar_vs_lr"] = mcnemar(y_test, pred, predictions[REFERENCE])
+    shutil.rmtree(scratch, ignore_errors=True)
+
+    total = lines[-1][0]
+    models = [r for r in rows if r["kind"] == "model"]
+    champion = max(models, key=lambda r: (r["macro_f1"][0], r["accuracy"][0]))["name"]
+    lr = next(r for r in rows if r["name"] == REFERENCE)
+    print(f"\n# real radiographs: {args.archive}, profile {args.profile}, classes {classes}")
+    print(
+        f"# {len(x_train)} train / {len(y_test)} test images at {summary['image_size']} px; "
+        f"pipeline {total / 60:.1f} min; {platform.node()}, {os.cpu_count()} cores, "
+        f"{time.strftime('%Y-%m-%d')}\n"
+    )
+    print(
+        "| model | accuracy [95 % CI] | macro-F1 [95 % CI] "
+        "| vs LR: McNemar p (only it / only LR correct) | fit s | stage s |"
+    )
+    print("|---|---|---|---|---:|---:|")
+    for row in rows:
+        test = row["mcnemar_vs_lr"]
+        versus = (
+            ""
+            if row["name"] == REFERENCE
+            else (f"{test['p_value']:.3g} ({test['a_only_correct']} / {test['b_only_correct']})")
+        )
+        fit = f"{row['fit_seconds']:.0f}" if row.get("fit_seconds") is not None else ""
+        stage = f"{row['stage_seconds']:.0f}" if row.get("stage_seconds") is not None else ""
+        mark = " (champion)" if row["name"] == champion else ""
+        print(
+            f"| {row['name']}{mark} | {interval(row['accuracy'])} | {interval(row['macro_f1'])} "
+            f"| {versus} | {fit} | {stage} |"
+        )
+    best = next(r for r in rows if r["name"] == champion)
+    verdict = {
+        "champion": champion,
+        "champion_above_lr_ci": best["accuracy"][0] > lr["accuracy"][2],
+        "champion_mcnemar_p": best["mcnemar_vs_lr"]["p_value"],
+        "all_above_lr_point": all(r["accuracy"][0] > lr["accuracy"][0] for r in models),
+    }
+    above = "above" if verdict["champion_above_lr_ci"] else "NOT above"
+    print(
+        f"\nchampion {champion}: accuracy {best['accuracy'][0]:.3f}, {above} the logistic "
+        f"regression's upper bound {lr['accuracy'][2]:.3f}; McNemar p = "
+        f"{verdict['champion_mcnemar_p']:.3g}; every model above the LR's point estimate: "
+        f"{verdict['all_above_lr_point']}.\nOutputs (Grad-CAM overlays included): {outputs}"
+    )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(
+            json.dumps(
+                {
+                    "experiment": name,
+                    "command": command,
+                    "seconds": total,
+                    "rows": rows,
+                    "verdict": verdict,
+                },
+                indent=2,
+            )
+        )
+    if not args.keep:
+        subprocess.run(["dvc", "exp", "remove", name], check=False, capture_output=True)
+
+
+if __name__ == "__main__":
+    main()
