@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline_benchmark import run, stage_table  # noqa: E402
 
 from cxr.baselines import BASELINES, fit_predict  # noqa: E402
-from cxr.cli import exp_run_command  # noqa: E402
+from cxr.cli import check_data_folder, exp_run_command  # noqa: E402
 from cxr.download import download  # noqa: E402
 from cxr.metrics import bootstrap_ci, macro_f1, mcnemar  # noqa: E402
 from cxr.params import load_params, with_overrides  # noqa: E402
@@ -121,6 +121,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.archive.exists():
         sys.exit(f"real_benchmark: {args.archive} does not exist; pass --archive DIR_OR_ZIP.")
+    check_data_folder()
     args.workdir.mkdir(parents=True, exist_ok=True)
 
     chosen = overrides(args)

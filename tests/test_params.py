@@ -1,8 +1,10 @@
+import shutil
+
 import pytest
 import yaml
 
 from cxr.classes import FOLDER_TO_LABEL, LABEL_TO_FOLDER, LABELS, check_labels
-from cxr.cli import profile_command
+from cxr.cli import main, profile_command
 from cxr.errors import CxrError
 from cxr.params import ParamsError, flatten, load_params, with_overrides
 from tests.conftest import ROOT
@@ -85,3 +87,16 @@ def test_with_overrides_copies_and_sets_dotted_keys():
 
 def test_flatten():
     assert flatten({"a": {"b": 1, "c": {"d": [2]}}, "e": 3}) == {"a.b": 1, "a.c.d": [2], "e": 3}
+
+
+def test_profile_command_line_checks_the_data_folder_first(tmp_path, monkeypatch, capsys):
+    shutil.copy(ROOT / "params.yaml", tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["profile", "real_cpu", "--archive", str(tmp_path), "--dry-run"]) == 2
+    assert "run `make data`" in capsys.readouterr().err
+    (tmp_path / "data").mkdir()
+    extra = ["--", "-S", "prepare.balance_target=400"]
+    assert main(["profile", "real_cpu", "--archive", str(tmp_path), "--dry-run", *extra]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("+ dvc exp run --temp") and "data.source=archive" in printed
+    assert printed.rstrip().endswith("-S prepare.balance_target=400")

@@ -25,6 +25,16 @@ def exp_run_command(overrides: dict, params_path: Path = Path("params.yaml")) ->
     return command
 
 
+def check_data_folder() -> None:
+    """`dvc exp run` fails late with "missing data 'source': data" without data/ (git keeps no
+    empty folder): say how to make it, before any work."""
+    if not Path("data").is_dir():
+        raise CxrError(
+            "data/ (your own labelled images, tracked by data.dvc) is missing: run `make data` "
+            "(or `mkdir data && dvc commit -f data.dvc`) in the repository root first."
+        )
+
+
 def profile_command(
     name: str = "demo", archive: Path | None = None, params_path: Path = Path("params.yaml")
 ) -> list[str]:
@@ -39,6 +49,7 @@ def profile_command(
 def demo(args: argparse.Namespace) -> int:
     if args.archive is not None and not args.archive.exists():
         raise CxrError(f"--archive {args.archive} does not exist; pass a zip or a folder.")
+    check_data_folder()
     command = profile_command(args.profile, args.archive) + list(args.dvc_args)
     print("+", shlex.join(command), flush=True)
     if args.dry_run:
@@ -93,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("profile", choices=PROFILES, help="the params.yaml section of overrides")
     p.add_argument("--archive", type=Path, help="read the images from this zip or folder")
     p.add_argument("--dry-run", action="store_true", help="print the dvc command only")
-    p.add_argument("dvc_args", nargs=argparse.REMAINDER, help="extra `dvc exp run` arguments")
+    # Extra `dvc exp run` arguments follow `--` (collected in main: argparse gives a
+    # subcommand's trailing positionals nothing after its first positional).
     p.set_defaults(func=demo)
     p = sub.add_parser("predict", help="classify radiograph files (PNG/JPEG)")
     p.add_argument("images", nargs="+", type=Path, help="image files")
@@ -103,7 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         help="a model URI in the MLflow store, or a .keras file (default: %(default)s)",
     )
     p.set_defaults(func=predict)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "profile":
+        args.dvc_args = extra[1:] if extra[:1] == ["--"] else extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except CxrError as err:
