@@ -101,6 +101,32 @@ def model_predictions(ref: str, model: str, classes: list[str]) -> tuple[list[st
     return [r["path"] for r in rows], np.array([index[r["predicted"]] for r in rows])
 
 
+def same_split(params: dict, scratch: Path) -> tuple:
+    """(x_train, y_train, x_test, y_test, test image paths from raw/ on, dataset summary) of
+    the archive prepared again in `scratch` with the experiment's settings: prepare is
+    deterministic, so this is the experiment's split (the caller checks the test paths)."""
+    data = params["data"]
+    download(data, scratch / "raw", scratch / "download.json", cache_dir=scratch / "cache")
+    prepare(
+        scratch / "raw",
+        [],
+        data["classes"],
+        params["prepare"],
+        scratch / "prepared",
+        topup=data["topup"],
+    )
+    x_train, y_train, summary = split_arrays(scratch / "prepared", "train")
+    x_test, y_test, _ = split_arrays(scratch / "prepared", "test")
+    # Manifest paths are relative to the working folder: compare them from raw/ on.
+    raw = (scratch / "raw").resolve()
+    test_paths = [
+        Path(r["path"]).resolve().relative_to(raw).as_posix()
+        for r in load_prepared(scratch / "prepared")[1]
+        if r["split"] == "test"
+    ]
+    return x_train, y_train, x_test, y_test, test_paths, summary
+
+
 def interval(values: tuple[float, float, float]) -> str:
     return f"{values[0]:.3f} [{values[1]:.3f}, {values[2]:.3f}]"
 
@@ -139,28 +165,9 @@ def main() -> None:
     outputs = args.workdir / name
     export_outputs(ref, outputs)
 
-    # The baselines see the same split: prepare is deterministic, so preparing the same raw
-    # files with the same settings gives the experiment's split; the test paths are checked.
     scratch = args.workdir / f"{name}-prepare"
-    data = params["data"]
-    download(data, scratch / "raw", scratch / "download.json", cache_dir=scratch / "cache")
-    prepare(
-        scratch / "raw",
-        [],
-        data["classes"],
-        params["prepare"],
-        scratch / "prepared",
-        topup=data["topup"],
-    )
-    x_train, y_train, summary = split_arrays(scratch / "prepared", "train")
-    x_test, y_test, _ = split_arrays(scratch / "prepared", "test")
+    x_train, y_train, x_test, y_test, test_paths, summary = same_split(params, scratch)
     classes = summary["classes"]
-    # Manifest paths are relative to the working folder: compare them from raw/ on.
-    test_paths = [
-        Path(r["path"]).resolve().relative_to((scratch / "raw").resolve()).as_posix()
-        for r in load_prepared(scratch / "prepared")[1]
-        if r["split"] == "test"
-    ]
 
     ev = params["evaluate"]
     rows = []
@@ -195,7 +202,7 @@ def main() -> None:
 
     total = lines[-1][0]
     models = [r for r in rows if r["kind"] == "model"]
-    champion = max(models, key=lambda r: (r["macro_f1"][0], r["accuracy"][0]))["name"]
+    champion = json.loads(git_show(ref, "reports/compare/summary.json"))["champion"]
     lr = next(r for r in rows if r["name"] == REFERENCE)
     print(f"\n# real radiographs: {args.archive}, profile {args.profile}, classes {classes}")
     print(
