@@ -97,6 +97,29 @@ def stage_table(lines: list[tuple[float, str]]) -> list[dict]:
     return rows
 
 
+def add_experiment_arguments(parser: argparse.ArgumentParser, workdir: str) -> None:
+    """The options of a benchmark that runs the pipeline as one throw-away DVC experiment."""
+    parser.add_argument("-S", "--set", action="append", default=[], help="extra key=value")
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / workdir)
+    parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
+    parser.add_argument("--keep", action="store_true", help="keep the DVC experiment")
+
+
+def run_experiment(
+    overrides: dict, workdir: Path, prefix: str
+) -> tuple[str, list[str], int, list[tuple[float, str]]]:
+    """`dvc exp run --temp --force` of `overrides` against a throw-away sqlite MLflow store
+    in `workdir`; return (experiment name, command, exit code, timed output lines)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    name = f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+    command = [*exp_run_command(overrides), "--force", "--name", name]
+    store = workdir / f"{name}.db"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store.resolve()}"}
+    print("+", " ".join(command), flush=True)
+    code, lines = run(command, env)
+    return name, command, code, lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -104,21 +127,11 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="21,165 phantoms, all six models")
     parser.add_argument("--epochs", type=int, default=10, help="with --full")
     parser.add_argument("--weights", default="none", help="with --full: transfer models' weights")
-    parser.add_argument("-S", "--set", action="append", default=[], help="extra key=value")
-    parser.add_argument(
-        "--workdir", type=Path, default=Path(tempfile.gettempdir()) / "cxr-pipeline-bench"
-    )
-    parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
-    parser.add_argument("--keep", action="store_true", help="keep the DVC experiment")
+    add_experiment_arguments(parser, "cxr-pipeline-bench")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
 
-    name = f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
-    command = [*exp_run_command(overrides(args)), "--force", "--name", name]
-    store = args.workdir / f"{name}.db"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store.resolve()}"}
-    print("+", " ".join(command), flush=True)
-    code, lines = run(command, env)
+    name, command, code, lines = run_experiment(overrides(args), args.workdir, "bench")
     rows = stage_table(lines)
     total = lines[-1][0]
 

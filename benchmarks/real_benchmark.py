@@ -28,7 +28,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,10 +35,10 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pipeline_benchmark import run, stage_table  # noqa: E402
+from pipeline_benchmark import add_experiment_arguments, run_experiment, stage_table  # noqa: E402
 
 from cxr.baselines import BASELINES, fit_predict  # noqa: E402
-from cxr.cli import check_data_folder, exp_run_command  # noqa: E402
+from cxr.cli import check_data_folder  # noqa: E402
 from cxr.download import download  # noqa: E402
 from cxr.metrics import bootstrap_ci, macro_f1, mcnemar  # noqa: E402
 from cxr.params import load_params, with_overrides  # noqa: E402
@@ -138,26 +137,15 @@ def main() -> None:
     parser.add_argument("--archive", type=Path, required=True, help="zip or folder, Kaggle layout")
     parser.add_argument("--profile", default="real_cpu", help="params.yaml section of overrides")
     parser.add_argument("--classes", nargs="+", default=["covid", "normal", "pneumonia"])
-    parser.add_argument("-S", "--set", action="append", default=[], help="extra key=value")
-    parser.add_argument(
-        "--workdir", type=Path, default=Path(tempfile.gettempdir()) / "cxr-real-bench"
-    )
-    parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
-    parser.add_argument("--keep", action="store_true", help="keep the DVC experiment")
+    add_experiment_arguments(parser, "cxr-real-bench")
     args = parser.parse_args()
     if not args.archive.exists():
         sys.exit(f"real_benchmark: {args.archive} does not exist; pass --archive DIR_OR_ZIP.")
     check_data_folder()
-    args.workdir.mkdir(parents=True, exist_ok=True)
 
     chosen = overrides(args)
     params = with_overrides(load_params(), chosen)
-    name = f"real-{time.strftime('%Y%m%d-%H%M%S')}"
-    command = [*exp_run_command(chosen), "--force", "--name", name]
-    store = args.workdir / f"{name}.db"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store.resolve()}"}
-    print("+", " ".join(command), flush=True)
-    code, lines = run(command, env)
+    name, command, code, lines = run_experiment(chosen, args.workdir, "real")
     if code:
         sys.exit(f"real_benchmark: the pipeline failed (exit code {code}); see its output above.")
     stages = {row["stage"]: row for row in stage_table(lines)}
