@@ -7,13 +7,12 @@
 (a) input pipeline alone: the train stage's tf.data pipeline (cached uint8 arrays, shuffle,
     batch), iterated without a model;
 (b) compute ceiling: training steps on one batch already in memory (no pipeline);
-(c) the train stage's loop: its dataset and model.fit, as `stages/train.py` runs it;
+(c) the train stage's loop: cxr.fit.fit, as `stages/train.py` calls it;
 (d) the study's way: PNG files decoded and resized every epoch by
     keras.utils.image_dataset_from_directory, then the same model.fit.
 (b)-(d) train the same training model (augmentation is its first layer, inside the step, see
-cxr.augment), with the stage's precision, XLA, steps per execution and threads, the same
-batch size and callbacks (a batch timer and early stopping); each side is timed in steady
-state, after `--warmup` steps (tracing, XLA). Prints a markdown table with (c)/(b), the
+cxr.augment), built as the stage builds it, with the stage's precision, XLA, steps per
+execution and threads and the same batch size. Each side is timed in steady state, after `--warmup` steps (tracing, XLA). Prints a markdown table with (c)/(b), the
 pipeline's efficiency, (c)/(d), the speed-up over decoding files every epoch, and how busy
 the CPU cores were during (c). Phantoms are written once into --workdir and reused.
 """
@@ -34,17 +33,17 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from cxr.augment import make_augmenter, training_model  # noqa: E402
 from cxr.classes import DATASET_DIR, LABELS  # noqa: E402
-from cxr.params import load_params  # noqa: E402
-from cxr.prepare import prepare, split_arrays  # noqa: E402
-from cxr.synthetic import write_dataset  # noqa: E402
-from cxr.train import (  # noqa: E402
+from cxr.fit import (  # noqa: E402
     accelerator_settings,
-    compile_for_training,
+    build_for_training,
+    fit,
     make_dataset,
     settings_for,
 )
+from cxr.params import load_params  # noqa: E402
+from cxr.prepare import prepare, split_arrays  # noqa: E402
+from cxr.synthetic import write_dataset  # noqa: E402
 
 
 class BatchTimer(keras.callbacks.Callback):
@@ -91,40 +90,38 @@ def data(workdir: Path, size: int, n_train: int) -> tuple[Path, Path]:
     return raw / DATASET_DIR, prepared
 
 
+def timed(timer: BatchTimer, warmup: int, images: int) -> tuple[float, float]:
+    """(images/s, fraction of the CPU cores busy) of the calls after `warmup`."""
+    wall = timer.ends[-1] - timer.ends[warmup]
+    busy = (timer.cpu[-1] - timer.cpu[warmup]) / wall / len(os.sched_getaffinity(0))
+    return steady_rate(timer.ends, images, warmup), busy
+
+
 def fit_rate(model, dataset, steps: int, warmup: int, batch: int) -> tuple[float, float]:
     """(images/s, fraction of the CPU cores busy) of `steps` timed calls after `warmup`."""
     timer = BatchTimer()
-    stop = keras.callbacks.EarlyStopping(monitor="loss", patience=100)
     per_call = model.steps_per_execution
-    model.fit(
-        dataset,
-        epochs=1,
-        steps_per_epoch=(steps + warmup) * per_call,
-        callbacks=[timer, stop],
-        verbose=0,
-    )
-    wall = timer.ends[-1] - timer.ends[warmup]
-    busy = (timer.cpu[-1] - timer.cpu[warmup]) / wall / len(os.sched_getaffinity(0))
-    return steady_rate(timer.ends, batch * per_call, warmup), busy
+    model.fit(dataset, epochs=1, steps_per_epoch=(steps + warmup) * per_call, callbacks=[timer])
+    return timed(timer, warmup, batch * per_call)
 
 
 def bench_model(name, params, png_root, prepared, args) -> dict:
-    from cxr.models import build_model
-
     cfg, builder_cfg = settings_for(name, params)
     accel = accelerator_settings(cfg)
-    keras.mixed_precision.set_dtype_policy(accel["policy"])
-    batch = args.batch_size
-    x, y, summary = split_arrays(prepared, "train")
     augment = cfg["augment"] if args.augment else dict.fromkeys(cfg["augment"], 0)
-    n_steps = (args.steps + args.warmup) * accel["steps_per_execution"]
+    # One epoch of the timed steps, the same start for every side: seed 0, lr 1e-4, batch.
+    cfg = {**cfg, "augment": augment, "seed": 0, "learning_rate": 1e-4, "epochs": 1}
+    cfg["batch_size"] = batch = args.batch_size
+    x, y, summary = split_arrays(prepared, "train")
+    val = split_arrays(prepared, "val")[:2]
+    n_classes = len(summary["classes"])
+    per_call = accel["steps_per_execution"]
+    n_steps = (args.steps + args.warmup) * per_call
 
     def fresh_model():
         keras.utils.set_random_seed(0)
-        model = build_model(name, x.shape[1:], len(summary["classes"]), **builder_cfg)
-        fitted = training_model(model, make_augmenter(augment, 0))
-        compile_for_training(fitted, 1e-4, accel)
-        return fitted
+        keras.mixed_precision.set_dtype_policy(accel["policy"])
+        return build_for_training(name, cfg, builder_cfg, x.shape[1:], n_classes, n_steps, accel)
 
     # (a) the stage's input pipeline alone
     pipeline = make_dataset(x, y, batch, True, 0).repeat()
@@ -142,14 +139,21 @@ def bench_model(name, params, png_root, prepared, args) -> dict:
         args.warmup,
         batch,
     )
-    # (c) the train stage's loop
-    c, busy = fit_rate(
-        fresh_model(),
-        make_dataset(x, y, batch, True, 0).repeat(),
-        args.steps,
-        args.warmup,
-        batch,
+    # (c) the train stage's loop: cxr.fit.fit, as the stage calls it
+    timer = BatchTimer()
+    fit(
+        name,
+        cfg,
+        builder_cfg,
+        (x, y),
+        val,
+        n_classes,
+        accel,
+        callbacks=[timer],
+        steps_per_epoch=n_steps,
+        verbose=0,
     )
+    c, busy = timed(timer, args.warmup, batch * per_call)
     # (d) the study's way: decode and resize PNG files every epoch
     files = keras.utils.image_dataset_from_directory(
         png_root,

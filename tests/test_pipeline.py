@@ -227,7 +227,7 @@ def test_killed_training_resumes_into_the_same_run(tmp_path, mlflow_server):
     assert not (repo / "models" / "cnn" / "model.keras").exists()
 
     out = run(["dvc", "repro", "train@cnn"], repo, env=env).stdout
-    assert f"resuming MLflow run {killed_run}" in out
+    assert f"resuming MLflow run {killed_run}" in out, out
     assert f"Epoch 1/{epochs}\n" not in out  # it did not start over
     record = json.loads((repo / "reports" / "cnn" / "mlflow_run.json").read_text())
     assert record["run_id"] == killed_run

@@ -7,13 +7,15 @@ import numpy as np
 import pytest
 
 from cxr.augment import RandomRadiograph, make_augmenter, served_part, training_model
-from cxr.models import build_model
-from cxr.train import (
+from cxr.fit import (
+    Resume,
     accelerator_settings,
     class_weights,
+    fit,
     make_dataset,
     settings_for,
 )
+from cxr.models import build_model
 
 NO_AUGMENT = {
     "rotation": 0.0,
@@ -115,7 +117,7 @@ def test_cpu_defaults_to_float32_without_xla():
 def test_thread_pools_follow_the_cpu_affinity_in_a_fresh_process():
     script = textwrap.dedent("""
         import os, tensorflow as tf
-        from cxr.train import accelerator_settings
+        from cxr.fit import accelerator_settings
         accel = accelerator_settings({"mixed_precision": "auto", "jit_compile": "auto",
                                       "steps_per_execution": "auto", "threads": "auto"})
         print("threads", accel["threads"], tf.config.threading.get_intra_op_parallelism_threads(),
@@ -162,7 +164,7 @@ def test_mirrored_strategy_on_two_logical_cpus_trains_an_epoch():
             cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         from cxr.augment import RandomRadiograph, training_model
         from cxr.models import build_model
-        from cxr.train import make_dataset
+        from cxr.fit import make_dataset
         strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
         with strategy.scope():
             model = build_model("cnn4_bn", (32, 32, 1), 4, filters=[8, 8, 8, 8])
@@ -179,28 +181,8 @@ def test_mirrored_strategy_on_two_logical_cpus_trains_an_epoch():
     assert "replicas 2 loss" in out.stdout
 
 
-@pytest.mark.parametrize("interval, saves", [(0, True), (3600, False)])
-def test_checkpoints_are_saved_once_their_interval_has_passed(tmp_path, interval, saves):
-    from cxr.io import read_json
-    from cxr.train import EpochCheckpoint
-
-    model = build_model("cnn", (16, 16, 1), 4, filters=[4], dense_units=4)
-    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
-    history: dict[str, list[float]] = {}
-    saver = EpochCheckpoint(tmp_path, history, interval)
-    x = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 1)).astype(np.uint8)
-    model.fit(x, np.arange(8) % 4, epochs=3, callbacks=[saver], verbose=0)
-    assert len(history["loss"]) == 3  # the history is kept every epoch either way
-    if saves:
-        assert read_json(tmp_path / "state.json")["epochs_done"] == 3
-        assert [p.name for p in tmp_path.glob("epoch-*.keras")] == ["epoch-3.keras"]
-        assert saver.seconds > 0
-    else:
-        assert not list(tmp_path.iterdir()) and saver.seconds == 0
-
-
 def test_oversampling_draws_smaller_classes_up_from_their_own_images():
-    from cxr.train import oversample
+    from cxr.fit import oversample
 
     y = np.array([0] * 50 + [1] * 20 + [2] * 5)
     keep = oversample(y, 3, seed=0)
@@ -240,3 +222,84 @@ def test_training_batches_hold_the_decoded_files_and_their_folder_labels(synthet
         assert np.array_equal(image[..., 0], load_grey(path, 32))
         folder = path.parent.parent.name  # <Class>/images/<file>
         assert summary["classes"][label] == FOLDER_TO_LABEL[folder]
+
+
+CFG = {
+    "seed": 3,
+    "batch_size": 8,
+    "epochs": 3,
+    "early_stopping_patience": 5,
+    "learning_rate": 1e-3,
+    "schedule": "constant",
+    "imbalance": "class_weight",
+    "augment": NO_AUGMENT,
+}
+CPU = {"policy": "float32", "jit_compile": False, "steps_per_execution": 1}
+TINY = {"filters": [4], "dense_units": 4}
+
+
+def tiny_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Images whose brightness tells their class (so a small CNN learns it), 3 classes."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 3
+    x = rng.integers(0, 40, (n, 16, 16, 1)) + (y * 90)[:, None, None, None]
+    return x.astype(np.uint8), y
+
+
+@pytest.fixture
+def accel():
+    import tensorflow as tf
+
+    return {**CPU, "strategy": tf.distribute.get_strategy()}
+
+
+def test_fit_trains_one_configuration_without_files_or_runs(tmp_path, monkeypatch, accel):
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    result = fit("cnn", CFG, TINY, tiny_split(48, 0), tiny_split(12, 1), 3, accel, verbose=0)
+    assert list(tmp_path.iterdir()) == [] and mlflow.active_run() is None
+    assert list(result.history) == ["accuracy", "loss", "val_accuracy", "val_loss"]
+    assert all(len(v) == 3 for v in result.history.values())
+    assert len(result.epoch_seconds) == 3 and result.images_per_epoch == 48
+    assert result.history["val_accuracy"][-1] > 0.5  # it learnt the brightness
+    assert result.model is served_part(result.fitted)
+    assert not any(isinstance(layer, RandomRadiograph) for layer in result.model.layers)
+    # early stopping kept the best epoch's weights: they give the best validation loss
+    x_val, y_val = tiny_split(12, 1)
+    loss, _ = result.fitted.evaluate(x_val, y_val, verbose=0)
+    best = result.best_epoch
+    assert best == int(np.argmin(result.history["val_loss"])) + 1
+    assert loss == pytest.approx(result.history["val_loss"][best - 1], rel=1e-4)
+
+
+def test_fit_is_reproducible_and_follows_its_seed(accel):
+    def losses(cfg):
+        result = fit("cnn", cfg, TINY, tiny_split(48, 0), tiny_split(12, 1), 3, accel, verbose=0)
+        return result.history["loss"]
+
+    assert losses(CFG) == losses(CFG)
+    assert losses(CFG) != losses({**CFG, "seed": 4})
+
+
+def test_fit_oversamples_and_resumes_where_a_checkpoint_stopped(accel):
+    x, y = tiny_split(48, 0)
+    few = np.flatnonzero(y != 2)[:30].tolist() + np.flatnonzero(y == 2)[:4].tolist()
+    cfg = {**CFG, "imbalance": "oversample", "epochs": 2}
+    first = fit("cnn", cfg, TINY, (x[few], y[few]), tiny_split(12, 1), 3, accel, verbose=0)
+    assert first.images_per_epoch == 3 * 15  # every class drawn up to the largest (15)
+    resume = Resume(first.fitted, 2, first.history)
+    more = fit(
+        "cnn",
+        {**cfg, "epochs": 4},
+        TINY,
+        (x[few], y[few]),
+        tiny_split(12, 1),
+        3,
+        accel,
+        resume=resume,
+        verbose=0,
+    )
+    assert more.fitted is first.fitted and len(more.epoch_seconds) == 2
+    assert len(more.history["loss"]) == 4
+    assert more.history["loss"][:2] == first.history["loss"]

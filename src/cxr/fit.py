@@ -1,0 +1,266 @@
+"""Fit one configuration on given arrays: the one training loop that the train stage, the
+training benchmark and a hyper-parameter search all call.
+
+`fit` builds (or resumes) the model, trains it with early stopping and returns what happened;
+it starts no MLflow run and writes no file. What a caller records (MLflow, checkpoints,
+TensorBoard) goes in as Keras callbacks.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import keras
+import numpy as np
+
+
+def settings_for(name: str, params: dict[str, Any]) -> tuple[dict, dict]:
+    """(training settings with the model's overrides applied, builder kwargs) of `name`."""
+    from cxr.models import TRAINING_KEYS
+
+    model_cfg = params["models"][name]
+    cfg = {**params["train"], **{k: model_cfg[k] for k in TRAINING_KEYS if k in model_cfg}}
+    return cfg, {k: v for k, v in model_cfg.items() if k not in TRAINING_KEYS}
+
+
+def accelerator_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Resolve the `auto` settings from the visible devices; set TensorFlow's CPU threads.
+
+    Threads (`threads`): every core this process may use (its CPU affinity, which follows
+    taskset and container CPU sets, not the host's count), for both of TensorFlow's thread
+    pools; set before TensorFlow starts its runtime (in a process where it has already
+    started, the running pools stay). Mixed precision: bfloat16 on GPUs that have it (compute
+    capability 8.0+), else float16; off on CPU. XLA (jit_compile): on with a GPU.
+    `steps_per_execution`: 32 batches per compiled call with a GPU (one host round trip per
+    32 steps), 1 on CPU (no gain there, and per-batch progress stays exact). Several GPUs:
+    MirroredStrategy."""
+    import tensorflow as tf
+
+    threads = len(os.sched_getaffinity(0)) if cfg["threads"] == "auto" else cfg["threads"]
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:  # the runtime already runs (tests, notebooks): keep its pools
+        threads = tf.config.threading.get_intra_op_parallelism_threads() or threads
+    gpus = tf.config.list_physical_devices("GPU")
+    policy = "float32"
+    if cfg["mixed_precision"] == "on" or (cfg["mixed_precision"] == "auto" and gpus):
+        major = 0
+        if gpus:
+            details = tf.config.experimental.get_device_details(gpus[0])
+            major = (details.get("compute_capability") or (0, 0))[0]
+        policy = "mixed_bfloat16" if not gpus or major >= 8 else "mixed_float16"
+    jit = cfg["jit_compile"]
+    jit = bool(gpus) if jit == "auto" else bool(jit)
+    steps = cfg["steps_per_execution"]
+    steps = (32 if gpus else 1) if steps == "auto" else steps
+    logical = tf.config.list_logical_devices("GPU")
+    strategy = (
+        tf.distribute.MirroredStrategy() if len(logical) > 1 else (tf.distribute.get_strategy())
+    )
+    return {
+        "policy": policy,
+        "jit_compile": jit,
+        "steps_per_execution": steps,
+        "threads": threads,
+        "strategy": strategy,
+        "gpus": len(gpus),
+    }
+
+
+def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int):
+    """tf.data over the cached uint8 arrays, shuffled for training. No per-image work on the
+    host: augmentation runs inside the training step (cxr.augment)."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    if shuffle:
+        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def class_weights(y: np.ndarray, n_classes: int) -> dict[int, float]:
+    """'balanced' weights n / (k * count): each class weighs the same in the loss."""
+    counts = np.bincount(y, minlength=n_classes)
+    return {k: float(len(y) / (n_classes * c)) if c else 0.0 for k, c in enumerate(counts)}
+
+
+def oversample(y: np.ndarray, n_classes: int, seed: int) -> np.ndarray:
+    """Indices that draw every class of `y` up to the largest class's count: each image once,
+    then random repeats of the smaller classes' own images (training split only)."""
+    rng = np.random.default_rng(seed)
+    counts = np.bincount(y, minlength=n_classes)
+    top = counts.max()
+    chosen = []
+    for k in range(n_classes):
+        members = np.flatnonzero(y == k)
+        if len(members):
+            extra = rng.choice(members, top - len(members), replace=True)
+            chosen.append(np.concatenate([members, extra]))
+    return np.sort(np.concatenate(chosen))
+
+
+def build_for_training(
+    name: str,
+    cfg: dict[str, Any],
+    builder_cfg: dict[str, Any],
+    input_shape: tuple[int, ...],
+    n_classes: int,
+    steps_per_epoch: int,
+    accel: dict[str, Any],
+) -> keras.Model:
+    """The compiled training model of `name`: the augmentation layer (cfg's `augment`) in
+    front of the built architecture, Adam at cfg's learning rate (cosine-decayed over
+    `epochs * steps_per_epoch` steps with `schedule: cosine`), sparse cross-entropy and
+    accuracy, with the resolved XLA and steps-per-execution settings. Build it under
+    accel's strategy scope."""
+    from cxr.augment import make_augmenter, training_model
+    from cxr.models import build_model
+
+    model = build_model(name, input_shape, n_classes, **builder_cfg)
+    fitted = training_model(model, make_augmenter(cfg["augment"], cfg["seed"]))
+    lr = cfg["learning_rate"]
+    if cfg["schedule"] == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=cfg["epochs"] * steps_per_epoch)
+    fitted.compile(
+        optimizer=keras.optimizers.Adam(lr),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        jit_compile=accel["jit_compile"],
+        steps_per_execution=accel["steps_per_execution"],
+    )
+    return fitted
+
+
+@dataclass
+class Resume:
+    """Where a killed training stopped: its training model (compiled, with the optimizer's
+    state), the epochs done and their history."""
+
+    fitted: keras.Model
+    epochs_done: int
+    history: dict[str, list[float]] = field(default_factory=dict)
+
+
+@dataclass
+class Fitted:
+    """What `fit` returns. `model` (the architecture, without the augmentation layer) is what
+    is saved, logged and served; `fitted` is the training model around it, sharing its
+    weights. `history` holds every epoch (a resumed training's earlier ones included), with
+    the best epoch's weights restored; the times are of this call's epochs."""
+
+    model: keras.Model
+    fitted: keras.Model
+    history: dict[str, list[float]]
+    images_per_epoch: int
+    epoch_seconds: list[float]
+    build_seconds: float
+    fit_seconds: float
+
+    @property
+    def best_epoch(self) -> int:
+        """1-based epoch of the lowest validation loss (the weights early stopping keeps)."""
+        return int(np.argmin(self.history["val_loss"])) + 1
+
+
+def fit(
+    name: str,
+    cfg: dict[str, Any],
+    builder_cfg: dict[str, Any],
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    n_classes: int,
+    accel: dict[str, Any],
+    *,
+    callbacks: list[keras.callbacks.Callback] = (),
+    resume: Resume | None = None,
+    steps_per_epoch: int | None = None,
+    verbose: int | str = 2,
+) -> Fitted:
+    """Train architecture `name` with settings `cfg` (`settings_for`) on the uint8 arrays
+    `train` and `val` (images, labels). Seeds Keras, NumPy and TensorFlow with cfg's `seed`
+    and makes TensorFlow's ops deterministic, sets accel's precision policy, balances the
+    training split as cfg's `imbalance` says, builds the model (or continues `resume`) and
+    fits up to cfg's `epochs` with early stopping on the validation loss, best weights
+    restored. `callbacks` run after the loop's own (early stopping, epoch timer).
+    `steps_per_epoch`: fixed-length epochs over the repeated training data (benchmarks)."""
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(cfg["seed"])
+    tf.config.experimental.enable_op_determinism()
+    keras.mixed_precision.set_dtype_policy(accel["policy"])
+    started = time.perf_counter()
+    x_train, y_train = train
+    weights = None
+    if cfg["imbalance"] == "class_weight":
+        weights = class_weights(y_train, n_classes)
+    elif cfg["imbalance"] == "oversample":
+        keep = oversample(y_train, n_classes, cfg["seed"])
+        x_train, y_train = x_train[keep], y_train[keep]
+    batch = cfg["batch_size"] * accel["strategy"].num_replicas_in_sync
+    train_ds = make_dataset(x_train, y_train, batch, True, cfg["seed"])
+    if steps_per_epoch:
+        train_ds = train_ds.repeat()
+    val_ds = make_dataset(*val, batch, False, cfg["seed"])
+    if resume is None:
+        with accel["strategy"].scope():
+            steps = steps_per_epoch or int(np.ceil(len(x_train) / batch))
+            fitted = build_for_training(
+                name, cfg, builder_cfg, x_train.shape[1:], n_classes, steps, accel
+            )
+    else:
+        fitted = resume.fitted
+    build_seconds = time.perf_counter() - started
+
+    from cxr.augment import served_part
+
+    timer = EpochTimer()
+    started = time.perf_counter()
+    record = fitted.fit(
+        train_ds,
+        validation_data=val_ds,
+        epochs=cfg["epochs"],
+        initial_epoch=resume.epochs_done if resume else 0,
+        steps_per_epoch=steps_per_epoch,
+        class_weight=weights,
+        callbacks=[
+            keras.callbacks.EarlyStopping(
+                monitor="val_loss",
+                patience=cfg["early_stopping_patience"],
+                restore_best_weights=True,
+            ),
+            timer,
+            *callbacks,
+        ],
+        verbose=verbose,
+    )
+    history = {k: list(v) for k, v in (resume.history if resume else {}).items()}
+    for key, values in record.history.items():
+        if key != "learning_rate":
+            history.setdefault(key, []).extend(float(v) for v in values)
+    return Fitted(
+        model=served_part(fitted),
+        fitted=fitted,
+        history=history,
+        images_per_epoch=len(x_train),
+        epoch_seconds=timer.seconds,
+        build_seconds=build_seconds,
+        fit_seconds=time.perf_counter() - started,
+    )
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Wall seconds of each epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds: list[float] = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self._start)
