@@ -38,11 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline_benchmark import add_experiment_arguments, run_experiment, stage_table  # noqa: E402
 
 from cxr.baselines import BASELINES, fit_predict  # noqa: E402
+from cxr.cache import load_prepared, split_arrays  # noqa: E402
 from cxr.cli import check_data_folder  # noqa: E402
 from cxr.download import download  # noqa: E402
 from cxr.metrics import bootstrap_ci, macro_f1, mcnemar  # noqa: E402
 from cxr.params import load_params, with_overrides  # noqa: E402
-from cxr.prepare import load_prepared, prepare, split_arrays  # noqa: E402
+from cxr.prepare import prepare  # noqa: E402
 
 REFERENCE = "logistic_regression"
 

@@ -12,8 +12,9 @@
     keras.utils.image_dataset_from_directory, then the same model.fit.
 (b)-(d) train the same training model (augmentation is its first layer, inside the step, see
 cxr.augment), built as the stage builds it, with the stage's precision, XLA, steps per
-execution and threads and the same batch size. Each side is timed in steady state, after `--warmup` steps (tracing, XLA). Prints a markdown table with (c)/(b), the
-pipeline's efficiency, (c)/(d), the speed-up over decoding files every epoch, and how busy
+execution and threads and the same batch size. Each side is timed in steady state, after
+`--warmup` steps (tracing, XLA). Prints a markdown table with (c)/(b), the pipeline's
+efficiency, (c)/(d), the speed-up over decoding files every epoch, and how busy
 the CPU cores were during (c). Phantoms are written once into --workdir and reused.
 """
 
@@ -33,6 +34,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from cxr.cache import split_arrays  # noqa: E402
 from cxr.classes import DATASET_DIR, LABELS  # noqa: E402
 from cxr.fit import (  # noqa: E402
     accelerator_settings,
@@ -42,7 +44,7 @@ from cxr.fit import (  # noqa: E402
     settings_for,
 )
 from cxr.params import load_params  # noqa: E402
-from cxr.prepare import prepare, split_arrays  # noqa: E402
+from cxr.prepare import prepare  # noqa: E402
 from cxr.synthetic import write_dataset  # noqa: E402
 
 

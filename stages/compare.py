@@ -5,11 +5,11 @@ from pathlib import Path
 
 from cxr.compare import compare
 from cxr.errors import run_stage
-from cxr.params import load_params
+from cxr.params import stage_params
 
 
 def main() -> None:
-    summary = compare(load_params(), Path("evaluation"), Path("reports/compare"))
+    summary = compare(stage_params("compare"), Path("evaluation"), Path("reports/compare"))
     print(Path("reports/compare/table.md").read_text())
     print(f"compare: champion {summary['champion']} ({summary['metric']} {summary['value']:.3f})")
 

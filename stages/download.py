@@ -4,13 +4,13 @@ from pathlib import Path
 
 from cxr.download import download
 from cxr.errors import run_stage
-from cxr.params import load_params
-from cxr.tracking import repo_root
+from cxr.params import stage_params
+from cxr.repo import repo_root
 
 
 def main() -> None:
     info = download(
-        load_params()["data"],
+        stage_params("download")["data"],
         Path("raw"),
         Path("reports/download.json"),
         cache_dir=repo_root() / ".cache" / "downloads",

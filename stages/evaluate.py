@@ -10,7 +10,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up
 
 from cxr.errors import run_stage  # noqa: E402
 from cxr.evaluate import evaluate  # noqa: E402
-from cxr.params import load_params  # noqa: E402
+from cxr.params import stage_params  # noqa: E402
 
 
 def main() -> None:
@@ -19,7 +19,7 @@ def main() -> None:
     name = parser.parse_args().model
     m = evaluate(
         name,
-        load_params(),
+        stage_params("evaluate", {"model": name}),
         Path("prepared"),
         Path("models") / name / "model.keras",
         Path("reports") / name / "mlflow_run.json",

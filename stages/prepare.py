@@ -3,16 +3,15 @@ reports/data/ (also logged to MLflow as the execution's `prepare` run)."""
 
 from pathlib import Path
 
-from cxr.data_report import write_data_report
+from cxr.data_report import log_data_report, write_data_report
 from cxr.errors import run_stage
 from cxr.io import write_json
-from cxr.params import load_params
+from cxr.params import stage_params
 from cxr.prepare import prepare
-from cxr.tracking import log_data_report
 
 
 def main() -> None:
-    params = load_params()
+    params = stage_params("prepare")
     data = params["data"]
     report = prepare(
         Path("raw"),

@@ -7,13 +7,13 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out
 
 from cxr.errors import run_stage  # noqa: E402
-from cxr.params import load_params  # noqa: E402
+from cxr.params import stage_params  # noqa: E402
 from cxr.register import register  # noqa: E402
 
 
 def main() -> None:
     result = register(
-        load_params(),
+        stage_params("register"),
         Path("reports/compare/summary.json"),
         Path("evaluation"),
         Path("models"),

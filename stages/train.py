@@ -8,7 +8,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out
 
 from cxr.errors import run_stage  # noqa: E402
-from cxr.params import load_params  # noqa: E402
+from cxr.params import stage_params  # noqa: E402
 from cxr.train import train  # noqa: E402
 
 
@@ -16,9 +16,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("model", help="architecture key, one of params.yaml's train.models")
     name = parser.parse_args().model
-    metrics = train(
-        name, load_params(), Path("prepared"), Path("models") / name, Path("reports") / name
-    )
+    # How often a checkpoint is saved does not change the model: not a DVC param.
+    params = stage_params("train", {"model": name}, untracked=("train.checkpoint_seconds",))
+    metrics = train(name, params, Path("prepared"), Path("models") / name, Path("reports") / name)
     print(f"train@{name}: {metrics}")
 
 

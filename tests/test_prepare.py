@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cxr.cache import load_prepared
 from cxr.classes import DATASET_DIR, LABELS
 from cxr.data_report import write_data_report
 from cxr.images import load_grey
-from cxr.prepare import DataError, index_images, load_prepared, prepare
+from cxr.prepare import DataError, index_images, prepare
 from cxr.synthetic import write_dataset, write_topup
 from tests.conftest import REAL_SAMPLE
 

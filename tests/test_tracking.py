@@ -1,7 +1,7 @@
 import mlflow
 import pytest
 
-from cxr import tracking
+from cxr import repo, tracking
 
 
 def test_store_is_at_the_repo_root_or_the_env(tmp_path, monkeypatch):
@@ -11,7 +11,7 @@ def test_store_is_at_the_repo_root_or_the_env(tmp_path, monkeypatch):
     monkeypatch.delenv("DVC_ROOT")
     (tmp_path / ".dvc").mkdir()
     (tmp_path / "deep" / "er").mkdir(parents=True)
-    assert tracking.repo_root(tmp_path / "deep" / "er") == tmp_path
+    assert repo.repo_root(tmp_path / "deep" / "er") == tmp_path
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert tracking.tracking_uri() == "http://127.0.0.1:5000"
 

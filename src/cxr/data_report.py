@@ -1,4 +1,5 @@
-"""The data report: what prepare found, kept and dropped, as JSON, markdown and a sample grid."""
+"""The data report: what prepare found, kept and dropped, as JSON, markdown and a sample grid,
+also logged to MLflow as the execution's `prepare` run."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from typing import Any
 
 import numpy as np
 
+from cxr import tracking
+from cxr.cache import SPLITS, load_prepared
 from cxr.io import atomic_path, pyplot, save_figure, write_json
-from cxr.prepare import SPLITS, load_prepared
 
 LISTED = 20  # rows shown per list in the markdown; report.json has them all
 
@@ -105,3 +107,31 @@ def write_data_report(report: dict[str, Any], prepared: Path, out_dir: Path) -> 
         write_json(tmp / "report.json", report)
         (tmp / "report.md").write_text(markdown(report))
         sample_grid(prepared, tmp / "sample_grid.png")
+
+
+def log_data_report(params: dict[str, Any], report: dict[str, Any], report_dir: Path) -> None:
+    """Log prepare's report as this execution's `prepare` run (params, counts, files)."""
+    import mlflow
+
+    from cxr.params import flatten
+
+    tags = tracking.run_tags(stage="prepare", data_fingerprint=report["fingerprint"])
+    with tracking.start_run(params["mlflow"]["experiment"], "prepare", tags):
+        mlflow.log_params({f"prepare.{k}": v for k, v in flatten(params["prepare"]).items()})
+        mlflow.log_params(
+            {"data.classes": ",".join(report["classes"]), "data.topup": params["data"]["topup"]}
+        )
+        counts = {
+            f"n_{split}_{label}": n
+            for split, per in report["counts"].items()
+            for label, n in per.items()
+        }
+        mlflow.log_metrics(
+            {
+                "n_images": report["n_images"],
+                "n_rejected": len(report["rejects"]),
+                "n_conflicts": len(report["conflicts"]),
+                **counts,
+            }
+        )
+        mlflow.log_artifacts(str(report_dir), artifact_path="data_report")

@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 
 from cxr import tracking
+from cxr.cache import split_arrays
 from cxr.errors import CxrError
 from cxr.io import atomic_path, pyplot, read_json, save_figure, write_json
 from cxr.metrics import bootstrap_ci, calibration, per_source, scores
-from cxr.prepare import split_arrays
 from cxr.timing import Phases
 
 
@@ -185,7 +185,7 @@ def test_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str], cfg: dict
 
 
 def _test_rows(prepared: Path) -> list[dict]:
-    from cxr.prepare import load_prepared
+    from cxr.cache import load_prepared
 
     return [r for r in load_prepared(prepared)[1] if r["split"] == "test"]
 

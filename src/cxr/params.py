@@ -180,6 +180,50 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     return params
 
 
+class StageParams(dict):
+    """A stage's view of params.yaml: reading a key that the stage did not declare fails."""
+
+    def __init__(self, stage: str, where: str = ""):
+        super().__init__()
+        self.stage, self.where = stage, where
+
+    def child(self, key: str) -> StageParams:
+        if key not in self:
+            self[key] = StageParams(self.stage, f"{self.where}{key}.")
+        return self[key]
+
+    def __missing__(self, key: str):
+        raise ParamsError(
+            f"stage '{self.stage}' reads params.yaml's '{self.where}{key}', which its params "
+            "in dvc.yaml do not list: add it there, so that changing it reruns the stage."
+        )
+
+
+def stage_params(
+    stage: str,
+    item: dict[str, str] | None = None,
+    untracked: tuple[str, ...] = (),
+    path: str | Path = "params.yaml",
+) -> StageParams:
+    """The validated params that stage `stage` declares in dvc.yaml (beside `path`; for a
+    matrix stage, `${item.<key>}` filled in from `item`), and nothing else: a stage that
+    reads an undeclared param fails at once instead of silently not rerunning when it
+    changes. `untracked`: keys the stage reads that do not change its results, so changing
+    them reruns nothing (DVC does not see them)."""
+    params = load_params(path)
+    stages = yaml.safe_load((Path(path).parent / "dvc.yaml").read_text())["stages"]
+    view = StageParams(stage)
+    for key in [*stages[stage].get("params", []), *untracked]:
+        for name, value in (item or {}).items():
+            key = key.replace(f"${{item.{name}}}", value)
+        *parents, last = key.split(".")
+        source, target = params, view
+        for part in parents:
+            source, target = source[part], target.child(part)
+        target[last] = copy.deepcopy(source[last])
+    return view
+
+
 def with_overrides(params: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """A copy of `params` with dotted-key `overrides` applied ({'a.b': 1} sets a -> b)."""
     result = copy.deepcopy(params)

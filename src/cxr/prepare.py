@@ -21,8 +21,6 @@ Memory stays flat in the dataset size: images go from the decoder straight to di
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import os
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
@@ -32,7 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from cxr.classes import DATASET_DIR, FOLDER_TO_LABEL, LABEL_TO_FOLDER
+from cxr.cache import SPLITS, write_index
+from cxr.classes import DATASET_DIR, FOLDER_TO_LABEL, LABEL_TO_FOLDER, TOPUP_LABEL
+from cxr.dedupe import dedupe
 from cxr.errors import CxrError
 from cxr.images import (
     IMAGE_SUFFIXES,
@@ -42,12 +42,9 @@ from cxr.images import (
     perceptual_hash,
     resize,
 )
-from cxr.io import atomic_path, progress, read_json, write_json
+from cxr.io import atomic_path, progress
 
-SPLITS = ("train", "val", "test")
-TOPUP_LABEL = "pneumonia"
-ORIGINS = ("database", "user", "topup")  # priority when keeping one of several copies
-THUMB = 32
+THUMB = 32  # thumbnail side for near-duplicate checks
 
 
 class DataError(CxrError):
@@ -254,83 +251,6 @@ def copy_rows(scratch: Path, order: list[int], out: Path, shape: tuple[int, int]
         os.close(fd_out)
 
 
-# ---------------------------------------------------------------------------- dedupe
-
-
-def near_duplicate_pairs(
-    phash: np.ndarray, thumbs: np.ndarray, max_bits: int, max_mad: float
-) -> list[tuple[int, int]]:
-    """Pairs (i < j) whose perceptual hashes differ in at most `max_bits` bits and whose
-    32x32 thumbnails differ by at most `max_mad` grey levels on average."""
-    pairs = []
-    n = len(phash)
-    for start in range(0, n, 512):
-        block = phash[start : start + 512]
-        dist = np.bitwise_count(block[:, None] ^ phash[None, :])
-        rows, cols = np.nonzero(dist <= max_bits)
-        keep = cols > rows + start
-        for i, j in zip(rows[keep] + start, cols[keep], strict=True):
-            diff = np.abs(thumbs[i].astype(np.int16) - thumbs[j].astype(np.int16)).mean()
-            if diff <= max_mad:
-                pairs.append((int(i), int(j)))
-    return pairs
-
-
-def _groups(n: int, pairs: list[tuple[int, int]]) -> list[int]:
-    """Union-find: a group id (its smallest member) for each of n items."""
-    parent = list(range(n))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i, j in pairs:
-        a, b = find(i), find(j)
-        if a != b:
-            parent[max(a, b)] = min(a, b)
-    return [find(i) for i in range(n)]
-
-
-def dedupe(items: list[Item], facts: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
-    """Decide which valid items are kept; return kept indices, groups and what was found."""
-    valid = [i for i, reason in enumerate(facts["reject"]) if reason is None]
-    by_hash: dict[str, list[int]] = defaultdict(list)
-    for i in valid:
-        by_hash[facts["hash"][i]].append(i)
-    kept, duplicates, conflicts = [], [], []
-    for copies in by_hash.values():
-        labels = {items[i].label for i in copies}
-        if len(labels) > 1:
-            conflicts.append(copies)
-            continue
-        copies.sort(key=lambda i: (ORIGINS.index(items[i].origin), str(items[i].path)))
-        kept.append(copies[0])
-        if len(copies) > 1:
-            duplicates.append(copies)
-    kept.sort()
-    pairs = near_duplicate_pairs(
-        facts["phash"][kept],
-        facts["thumb"][kept],
-        cfg["near_duplicate_bits"],
-        cfg["near_duplicate_mad"],
-    )
-    local = _groups(len(kept), pairs)
-    group = {kept[k]: kept[g] for k, g in enumerate(local)}
-    members: dict[int, list[int]] = defaultdict(list)
-    for i, g in group.items():
-        members[g].append(i)
-    near = [m for m in members.values() if len(m) > 1]
-    return {
-        "kept": kept,
-        "group": group,
-        "duplicates": duplicates,
-        "conflicts": conflicts,
-        "near_groups": near,
-    }
-
-
 # ---------------------------------------------------------------------------- balance
 
 
@@ -503,26 +423,8 @@ def prepare(
             }
             for k, i in enumerate(order)
         ]
-        with open(tmp / "manifest.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        fingerprint = hashlib.sha256(
-            "".join(f"{r['content_hash']}:{r['label']}:{r['split']}\n" for r in rows).encode()
-            + f"size={size}".encode()
-        ).hexdigest()
-        counts = {
-            s: {c: sum(1 for r in rows if r["split"] == s and r["label"] == c) for c in classes}
-            for s in SPLITS
-        }
-        summary = {
-            "classes": classes,
-            "image_size": size,
-            "n_images": len(rows),
-            "fingerprint": fingerprint,
-            "counts": counts,
-        }
-        write_json(tmp / "dataset.json", summary)
+        summary = write_index(tmp, rows, classes, size)
+        counts = summary["counts"]
 
     def paths(indices):
         return [_rel(items[i].path) for i in indices]
@@ -553,21 +455,3 @@ def prepare(
         ],
         "near_duplicate_groups": [paths(g) for g in found["near_groups"]],
     }
-
-
-def load_prepared(prepared: Path) -> tuple[np.ndarray, list[dict[str, str]], dict[str, Any]]:
-    """Return (images memmap, manifest rows, summary) of a prepared folder."""
-    images = np.load(prepared / "images.npy", mmap_mode="r")
-    with open(prepared / "manifest.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    return images, rows, read_json(prepared / "dataset.json")
-
-
-def split_arrays(prepared: Path, split: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """(images (n, H, W, 1) uint8, labels (n,) int32, dataset summary) of one split."""
-    images, rows, summary = load_prepared(prepared)
-    index = {label: i for i, label in enumerate(summary["classes"])}
-    chosen = [r for r in rows if r["split"] == split]
-    x = images[[int(r["index"]) for r in chosen]][..., None]
-    y = np.array([index[r["label"]] for r in chosen], dtype=np.int32)
-    return x, y, summary

@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 
 from cxr import tracking
+from cxr.cache import split_arrays
 from cxr.io import atomic_path, read_json, write_json
 from cxr.metrics import scores
-from cxr.prepare import split_arrays
-from cxr.tracking import MODEL_REQUIREMENTS, pinned_requirements
+from cxr.repo import git_commit
+from cxr.requirements import MODEL_REQUIREMENTS, pinned_requirements
 
 ALIAS = "champion"
 # What the served pyfunc needs besides the lock file's pins of MODEL_REQUIREMENTS.
@@ -222,7 +223,7 @@ def register(
                 "cxr.architecture": champion,
                 "cxr.classes": ",".join(classes),
                 "cxr.data_fingerprint": summary["data_fingerprint"] or "",
-                "cxr.git_commit": tracking.git_commit(),
+                "cxr.git_commit": git_commit(),
                 f"test_{metric}": f"{summary['value']:.6f}",
             },
         )

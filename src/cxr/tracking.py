@@ -23,32 +23,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from cxr.io import read_json, write_json
-
-LOCK_FILE = Path("requirements.lock")  # stages run in the repository root
-# What a logged model needs to load and serve; exact versions come from the lock file.
-MODEL_REQUIREMENTS = ("mlflow", "keras", "tensorflow", "numpy")
+from cxr.repo import git_commit, repo_root
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 GROUP_FILES = ("dvc.yaml", "params.yaml", "data.dvc")
-
-
-def repo_root(start: Path | None = None) -> Path:
-    """The user's repository root: `$DVC_ROOT`, else the nearest folder with `.dvc/`."""
-    if os.environ.get("DVC_ROOT"):
-        return Path(os.environ["DVC_ROOT"]).resolve()
-    here = (start or Path.cwd()).resolve()
-    for folder in (here, *here.parents):
-        if (folder / ".dvc").is_dir():
-            return folder
-    return here
 
 
 def tracking_uri() -> str:
@@ -65,18 +50,6 @@ def redact(uri: str) -> str:
         host = f"{host}:{parts.port}"
     user = f"{parts.username}:***@" if parts.username else ""
     return urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))
-
-
-def _git(*args: str) -> str:
-    try:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return ""
-    return out.stdout.strip()
-
-
-def git_commit() -> str:
-    return _git("rev-parse", "HEAD") or "unknown"
 
 
 def execution_group() -> str:
@@ -182,45 +155,3 @@ def find_recorded_run(path: Path) -> Any | None:
     """The MLflow run named by a run record, or None when the current store does not hold it
     (a clone may point at another store)."""
     return find_run(read_json(path)["run_id"])
-
-
-def log_data_report(params: dict[str, Any], report: dict[str, Any], report_dir: Path) -> None:
-    """Log prepare's report as this execution's `prepare` run (params, counts, files)."""
-    import mlflow
-
-    from cxr.params import flatten
-
-    tags = run_tags(stage="prepare", data_fingerprint=report["fingerprint"])
-    with start_run(params["mlflow"]["experiment"], "prepare", tags):
-        mlflow.log_params({f"prepare.{k}": v for k, v in flatten(params["prepare"]).items()})
-        mlflow.log_params(
-            {"data.classes": ",".join(report["classes"]), "data.topup": params["data"]["topup"]}
-        )
-        counts = {
-            f"n_{split}_{label}": n
-            for split, per in report["counts"].items()
-            for label, n in per.items()
-        }
-        mlflow.log_metrics(
-            {
-                "n_images": report["n_images"],
-                "n_rejected": len(report["rejects"]),
-                "n_conflicts": len(report["conflicts"]),
-                **counts,
-            }
-        )
-        mlflow.log_artifacts(str(report_dir), artifact_path="data_report")
-
-
-def pinned_requirements(
-    names: tuple[str, ...] = MODEL_REQUIREMENTS, lock: Path = LOCK_FILE
-) -> list[str] | None:
-    """`name==version` lines of `names` from the lock file (None if absent)."""
-    if not lock.is_file():
-        return None
-    pins = {}
-    for line in lock.read_text().splitlines():
-        name, sep, _ = line.partition("==")
-        if sep and name.strip().lower() in names:
-            pins[name.strip().lower()] = line.strip()
-    return [pins[name] for name in names if name in pins]

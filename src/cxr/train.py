@@ -11,11 +11,13 @@ import keras
 import numpy as np
 
 from cxr import tracking
+from cxr.cache import split_arrays
 from cxr.checkpoint import Checkpoint
 from cxr.fit import Fitted, accelerator_settings, fit, settings_for
 from cxr.io import atomic_path, pyplot, save_figure, write_json
 from cxr.params import flatten
-from cxr.prepare import split_arrays
+from cxr.repo import repo_root
+from cxr.requirements import pinned_requirements
 from cxr.timing import Phases
 
 
@@ -67,7 +69,7 @@ def log_keras_model(model, example: np.ndarray) -> str:
             name="model",
             signature=infer_signature(example, model.predict(example, verbose=0)),
             input_example=example,
-            pip_requirements=tracking.pinned_requirements(),
+            pip_requirements=pinned_requirements(),
         )
     finally:
         keras_save._save_example = original
@@ -91,7 +93,7 @@ def train(
     phases.done("data")
 
     checkpoint = Checkpoint(
-        tracking.repo_root() / ".cache" / "checkpoints",
+        repo_root() / ".cache" / "checkpoints",
         name,
         [cfg, builder_cfg, summary["fingerprint"]],
     )
