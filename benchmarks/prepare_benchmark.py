@@ -29,10 +29,9 @@ from cxr.synthetic import write_dataset
 CHILD = """
 import sys
 from pathlib import Path
+from cxr.params import load_params
 from cxr.prepare import prepare
-cfg = dict(image_size={size}, min_size=128, near_duplicate_bits=5, near_duplicate_mad=4.0,
-           balance="undersample", balance_target="covid", val_fraction=0.15,
-           test_fraction=0.15, seed=42)
+cfg = {{**load_params()["prepare"], "image_size": {size}}}  # the stage's settings
 report = prepare(Path({raw!r}), [], {labels!r}, cfg, Path({out!r}))
 print("kept", report["n_images"], "rejects", len(report["rejects"]),
       "near-duplicate groups", len(report["near_duplicate_groups"]), file=sys.stderr)

@@ -77,17 +77,7 @@ def data(workdir: Path, size: int, n_train: int) -> tuple[Path, Path]:
         (raw / ".complete").touch()
     prepared = workdir / f"prepared-{per_class}-{size}"
     if not (prepared / "dataset.json").exists():
-        cfg = {
-            "image_size": size,
-            "min_size": 128,
-            "near_duplicate_bits": 5,
-            "near_duplicate_mad": 4.0,
-            "balance": "none",
-            "balance_target": "covid",
-            "val_fraction": 0.15,
-            "test_fraction": 0.15,
-            "seed": 0,
-        }
+        cfg = {**load_params()["prepare"], "image_size": size, "balance": "none"}
         prepare(raw, [], list(LABELS), cfg, prepared)
     return raw / DATASET_DIR, prepared
 
@@ -103,7 +93,8 @@ def fit_rate(model, dataset, steps: int, warmup: int, batch: int) -> tuple[float
     """(images/s, fraction of the CPU cores busy) of `steps` timed calls after `warmup`."""
     timer = BatchTimer()
     per_call = model.steps_per_execution
-    model.fit(dataset, epochs=1, steps_per_epoch=(steps + warmup) * per_call, callbacks=[timer])
+    calls = (steps + warmup) * per_call
+    model.fit(dataset, epochs=1, steps_per_epoch=calls, callbacks=[timer], verbose=0)
     return timed(timer, warmup, batch * per_call)
 
 
@@ -153,7 +144,7 @@ def bench_model(name, params, png_root, prepared, args) -> dict:
         accel,
         callbacks=[timer],
         steps_per_epoch=n_steps,
-        verbose=0,
+        progress=False,
     )
     c, busy = timed(timer, args.warmup, batch * per_call)
     # (d) the study's way: decode and resize PNG files every epoch

@@ -3,9 +3,13 @@ best two, the champion by compare.metric; in reports/compare/ and an MLflow `com
 
 from pathlib import Path
 
-from cxr.compare import compare
-from cxr.errors import run_stage
-from cxr.params import stage_params
+from cxr.console import quiet
+
+quiet()  # first: drops TensorFlow's known start-up notices (CXR_VERBOSE=1: all)
+
+from cxr.compare import compare  # noqa: E402
+from cxr.errors import run_stage  # noqa: E402
+from cxr.params import stage_params  # noqa: E402
 
 
 def main() -> None:

@@ -2,10 +2,14 @@
 
 from pathlib import Path
 
-from cxr.download import download
-from cxr.errors import run_stage
-from cxr.params import stage_params
-from cxr.repo import repo_root
+from cxr.console import quiet
+
+quiet()  # first: drops TensorFlow's known start-up notices (CXR_VERBOSE=1: all)
+
+from cxr.download import download  # noqa: E402
+from cxr.errors import run_stage  # noqa: E402
+from cxr.params import stage_params  # noqa: E402
+from cxr.repo import repo_root  # noqa: E402
 
 
 def main() -> None:

@@ -3,10 +3,11 @@ predictions and figures in evaluation/<model>/, all also logged into the model's
 in MLflow."""
 
 import argparse
-import os
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out
+from cxr.console import quiet
+
+quiet()  # first: drops TensorFlow's known start-up notices (CXR_VERBOSE=1: all)
 
 from cxr.errors import run_stage  # noqa: E402
 from cxr.evaluate import evaluate  # noqa: E402

@@ -3,11 +3,15 @@ reports/data/ (also logged to MLflow as the execution's `prepare` run)."""
 
 from pathlib import Path
 
-from cxr.data_report import log_data_report, write_data_report
-from cxr.errors import run_stage
-from cxr.io import write_json
-from cxr.params import stage_params
-from cxr.prepare import prepare
+from cxr.console import quiet
+
+quiet()  # first: drops TensorFlow's known start-up notices (CXR_VERBOSE=1: all)
+
+from cxr.data_report import log_data_report, write_data_report  # noqa: E402
+from cxr.errors import run_stage  # noqa: E402
+from cxr.io import write_json  # noqa: E402
+from cxr.params import stage_params  # noqa: E402
+from cxr.prepare import prepare  # noqa: E402
 
 
 def main() -> None:

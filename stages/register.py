@@ -1,10 +1,11 @@
 """register: the champion into the MLflow Model Registry behind the gate; champion.json and
 the model card in reports/champion/."""
 
-import os
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out
+from cxr.console import quiet
+
+quiet()  # first: drops TensorFlow's known start-up notices (CXR_VERBOSE=1: all)
 
 from cxr.errors import run_stage  # noqa: E402
 from cxr.params import stage_params  # noqa: E402

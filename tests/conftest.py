@@ -36,6 +36,13 @@ GIT_IDENTITY = {
 }
 
 
+def prepare_settings(**overrides) -> dict:
+    """params.yaml's prepare section (the one definition of its keys) with `overrides`."""
+    from cxr.params import load_params
+
+    return {**load_params(ROOT / "params.yaml")["prepare"], **overrides}
+
+
 def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True, timeout=900):
     """Run a command as a user would; on failure show its output in the test report."""
     full_env = {**os.environ, **GIT_IDENTITY, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}

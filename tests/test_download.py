@@ -244,6 +244,21 @@ def test_encrypted_or_damaged_zip_gets_a_message(tmp_path):
         assert not (tmp_path / "raw").exists()
 
 
+def test_a_crc_mismatch_names_the_entry_and_leaves_nothing(tmp_path):
+    archive = tmp_path / "flipped.zip"
+    entry = f"{DATASET_DIR}/COVID/images/COVID-1.png"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr(f"{DATASET_DIR}/COVID/images/COVID-0.png", b"fine" * 100)
+        zf.writestr(entry, b"y" * 5000)
+    data = bytearray(archive.read_bytes())
+    data[data.find(b"y" * 100) + 50] ^= 0xFF  # one stored byte of the second entry
+    archive.write_bytes(bytes(data))
+    with pytest.raises(DownloadError, match=f"entry '{entry}' fails its CRC check"):
+        run_archive(tmp_path, archive)
+    assert not (tmp_path / "raw").exists()
+    assert not list(tmp_path.glob("**/*.unpack"))
+
+
 @needs_sample
 def test_macos_junk_and_extra_files_are_ignored(tmp_path, creds):
     archive = zip_tree(REAL_SAMPLE, tmp_path / "mac.zip", prefix="covid19/")

@@ -12,8 +12,8 @@ from cxr.params import ParamsError, load_params, stage_params
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "src" / "cxr"
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-# Modules that cannot change a stage's outputs: error messages and exit codes, timings.
-NOT_RESULTS = {"errors", "timing"}
+# Modules that cannot change a stage's outputs: terminal noise, error messages, timings.
+NOT_RESULTS = {"console", "errors", "timing"}
 
 
 def cxr_imports(path: Path) -> set[str]:

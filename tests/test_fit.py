@@ -199,18 +199,11 @@ def test_training_batches_hold_the_decoded_files_and_their_folder_labels(synthet
     from cxr.classes import FOLDER_TO_LABEL, LABELS
     from cxr.images import load_grey
     from cxr.prepare import prepare
+    from tests.conftest import prepare_settings
 
-    cfg = {
-        "image_size": 32,
-        "min_size": 32,
-        "near_duplicate_bits": 5,
-        "near_duplicate_mad": 4.0,
-        "balance": "none",
-        "balance_target": "covid",
-        "val_fraction": 0.25,
-        "test_fraction": 0.25,
-        "seed": 1,
-    }
+    cfg = prepare_settings(
+        image_size=32, min_size=32, balance="none", val_fraction=0.25, test_fraction=0.25, seed=1
+    )
     prepare(synthetic_raw, [], list(LABELS), cfg, tmp_path / "p")
     x, y, summary = split_arrays(tmp_path / "p", "train")
     rows = [r for r in load_prepared(tmp_path / "p")[1] if r["split"] == "train"]
@@ -258,7 +251,7 @@ def test_fit_trains_one_configuration_without_files_or_runs(tmp_path, monkeypatc
     import mlflow
 
     monkeypatch.chdir(tmp_path)
-    result = fit("cnn", CFG, TINY, tiny_split(48, 0), tiny_split(12, 1), 3, accel, verbose=0)
+    result = fit("cnn", CFG, TINY, tiny_split(48, 0), tiny_split(12, 1), 3, accel, progress=False)
     assert list(tmp_path.iterdir()) == [] and mlflow.active_run() is None
     assert list(result.history) == ["accuracy", "loss", "val_accuracy", "val_loss"]
     assert all(len(v) == 3 for v in result.history.values())
@@ -274,9 +267,18 @@ def test_fit_trains_one_configuration_without_files_or_runs(tmp_path, monkeypatc
     assert loss == pytest.approx(result.history["val_loss"][best - 1], rel=1e-4)
 
 
+def test_fit_prints_one_line_per_epoch(accel, capsys):
+    fit("cnn", {**CFG, "epochs": 2}, TINY, tiny_split(24, 0), tiny_split(6, 1), 3, accel)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and lines[1].startswith("train@cnn epoch 2/2: accuracy ")
+    assert "val_loss" in lines[1] and lines[1].endswith(" s)")
+
+
 def test_fit_is_reproducible_and_follows_its_seed(accel):
     def losses(cfg):
-        result = fit("cnn", cfg, TINY, tiny_split(48, 0), tiny_split(12, 1), 3, accel, verbose=0)
+        result = fit(
+            "cnn", cfg, TINY, tiny_split(48, 0), tiny_split(12, 1), 3, accel, progress=False
+        )
         return result.history["loss"]
 
     assert losses(CFG) == losses(CFG)
@@ -287,7 +289,7 @@ def test_fit_oversamples_and_resumes_where_a_checkpoint_stopped(accel):
     x, y = tiny_split(48, 0)
     few = np.flatnonzero(y != 2)[:30].tolist() + np.flatnonzero(y == 2)[:4].tolist()
     cfg = {**CFG, "imbalance": "oversample", "epochs": 2}
-    first = fit("cnn", cfg, TINY, (x[few], y[few]), tiny_split(12, 1), 3, accel, verbose=0)
+    first = fit("cnn", cfg, TINY, (x[few], y[few]), tiny_split(12, 1), 3, accel, progress=False)
     assert first.images_per_epoch == 3 * 15  # every class drawn up to the largest (15)
     resume = Resume(first.fitted, 2, first.history)
     more = fit(
@@ -299,7 +301,7 @@ def test_fit_oversamples_and_resumes_where_a_checkpoint_stopped(accel):
         3,
         accel,
         resume=resume,
-        verbose=0,
+        progress=False,
     )
     assert more.fitted is first.fitted and len(more.epoch_seconds) == 2
     assert len(more.history["loss"]) == 4

@@ -100,3 +100,18 @@ def test_profile_command_line_checks_the_data_folder_first(tmp_path, monkeypatch
     printed = capsys.readouterr().out
     assert printed.startswith("+ dvc exp run --temp") and "data.source=archive" in printed
     assert printed.rstrip().endswith("-S prepare.balance_target=400")
+
+
+def test_predict_defaults_to_the_champion_of_the_registered_model_name(
+    tmp_path, monkeypatch, capsys
+):
+    params = (
+        (ROOT / "params.yaml")
+        .read_text()
+        .replace("model_name: cxr-classifier", "model_name: renamed")
+    )
+    (tmp_path / "params.yaml").write_text(params)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'empty.db'}")
+    assert main(["predict", str(tmp_path / "x.png")]) == 2
+    assert "cannot load model 'models:/renamed@champion'" in capsys.readouterr().err

@@ -12,19 +12,17 @@ from cxr.data_report import write_data_report
 from cxr.images import load_grey
 from cxr.prepare import DataError, index_images, prepare
 from cxr.synthetic import write_dataset, write_topup
-from tests.conftest import REAL_SAMPLE
+from tests.conftest import REAL_SAMPLE, prepare_settings
 
-CFG = {
-    "image_size": 32,
-    "min_size": 32,
-    "near_duplicate_bits": 5,
-    "near_duplicate_mad": 4.0,
-    "balance": "undersample",
-    "balance_target": "covid",
-    "val_fraction": 0.25,
-    "test_fraction": 0.25,
-    "seed": 3,
-}
+CFG = prepare_settings(
+    image_size=32,
+    min_size=32,
+    balance="undersample",
+    balance_target="covid",
+    val_fraction=0.25,
+    test_fraction=0.25,
+    seed=3,
+)
 
 
 def test_split_is_stratified_disjoint_and_cached(synthetic_raw, tmp_path):

@@ -1,3 +1,5 @@
+import subprocess
+import sys
 import time
 
 from cxr.timing import Phases, parse, process_seconds
@@ -29,4 +31,9 @@ def test_other_lines_are_not_phase_lines():
 
 
 def test_process_age_counts_from_the_process_start():
-    assert 0 < process_seconds() < 3600
+    """A process that waits 1.5 s before importing cxr.timing is at least 1.5 s old."""
+    script = "import time; time.sleep(1.5); from cxr.timing import process_seconds; "
+    script += "print(process_seconds())"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert 1.5 <= float(out.stdout) < 30, out.stderr
+    assert process_seconds() > 0

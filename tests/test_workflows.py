@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import yaml
 
-from cxr.params import PROFILES
+from cxr.params import PROFILES, load_params
 from tests.conftest import BIN, ROOT
 
 WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
@@ -66,18 +66,47 @@ def test_dispatch_inputs_reach_the_shell_through_the_environment_only():
                 assert "${{ inputs." not in step.get("run", ""), (workflow.name, step)
 
 
-@pytest.mark.parametrize("entry", ["main", "demo", "real_cpu", "train", "evaluate", "register"])
-def test_mlproject_entry_points_run_dvc_stages_that_exist(entry):
-    project = yaml.safe_load((ROOT / "MLproject").read_text())
-    command = project["entry_points"][entry]["command"]
-    words = command.split()
-    if words[0] == "cxr":  # the whole pipeline with a params.yaml profile
-        assert words[1:3] in (["demo"], ["profile", entry]), command
-        assert entry == "demo" or entry in PROFILES
-    else:
-        assert words[:2] == ["dvc", "repro"], command
-        stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-        for word in words[2:]:
-            assert word.split("@")[0] in stages, word
-    env = yaml.safe_load((ROOT / project["python_env"]).read_text())
+PROJECT = yaml.safe_load((ROOT / "MLproject").read_text())
+STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+MODELS = load_params(ROOT / "params.yaml")["train"]["models"]
+
+
+def test_mlproject_runs_in_the_locked_environment():
+    env = yaml.safe_load((ROOT / PROJECT["python_env"]).read_text())
     assert "-r requirements.lock" in env["dependencies"]
+    assert set(PROJECT["entry_points"]) == {"main", *PROFILES, "train", "evaluate", "register"}
+
+
+@pytest.mark.parametrize("entry", ["main", "train", "evaluate", "register"])
+def test_mlproject_entry_points_repro_stages_that_exist(entry):
+    spec = PROJECT["entry_points"][entry]
+    defaults = {k: v.get("default") for k, v in spec.get("parameters", {}).items()}
+    words = spec["command"].format(**defaults).split()
+    assert words[:2] == ["dvc", "repro"], words
+    targets = words[2:]
+    if entry == "main":  # no target: every stage, through to the registered champion
+        assert targets == [] and "register" in STAGES
+    for target in targets:
+        stage, _, item = target.partition("@")
+        assert stage in STAGES, target
+        assert ("matrix" in STAGES[stage]) == bool(item), target
+        assert not item or item in MODELS, target
+
+
+@pytest.mark.parametrize("entry", PROFILES)
+def test_mlproject_profiles_run_the_whole_pipeline_with_their_overrides(entry, tmp_path):
+    spec = PROJECT["entry_points"][entry]
+    command = spec["command"].format(archive=tmp_path).split()
+    assert command[0] == "cxr"
+    out = subprocess.run(
+        [str(BIN / "cxr"), *command[1:], "--dry-run"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    printed = out.stdout.strip().splitlines()[-1]
+    assert printed.startswith("+ dvc exp run --temp")  # every stage, the workspace untouched
+    profile = load_params(ROOT / "params.yaml")[entry]
+    for key in profile:
+        assert f" {key}=" in printed or f" +{key}=" in printed or f" '{key}=" in printed, key

@@ -69,8 +69,10 @@ def predict(args: argparse.Namespace) -> int:
     """Classify image files with the registered champion (or another model URI or a local
     .keras file); print one JSON line per file. Exit status 1 if any file was refused."""
     from cxr import tracking
+    from cxr.register import champion_uri
     from cxr.serving import load_classifier, predict_files
 
+    args.model = args.model or champion_uri(load_params()["register"]["model_name"])
     local = args.model.endswith(".keras")  # a model file names no classes: params.yaml does
     if not local:
         import mlflow
@@ -111,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("images", nargs="+", type=Path, help="image files")
     p.add_argument(
         "--model",
-        default="models:/cxr-classifier@champion",
-        help="a model URI in the MLflow store, or a .keras file (default: %(default)s)",
+        help="a model URI in the MLflow store, or a .keras file (default: the champion of "
+        "params.yaml's register.model_name, models:/<model_name>@champion)",
     )
     p.set_defaults(func=predict)
     args, extra = parser.parse_known_args(argv)
@@ -127,5 +129,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":
+def script() -> None:
+    """The `cxr` command: main() with TensorFlow's known start-up notices dropped."""
+    from cxr.console import quiet
+
+    quiet()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    script()

@@ -14,9 +14,8 @@ from cxr import tracking
 from cxr.errors import CxrError
 from cxr.evaluate import read_predictions
 from cxr.io import atomic_path, pyplot, read_json, save_figure, write_json
-from cxr.metrics import mcnemar
+from cxr.metrics import HEADLINE, INTERVALS, mcnemar
 
-METRICS = ("macro_f1", "accuracy", "balanced_accuracy", "roc_auc_macro")
 TIMINGS = ("train_seconds", "epoch_seconds", "train_images_per_second")
 
 
@@ -50,8 +49,8 @@ def collect(models: list[str], evaluation: Path) -> list[dict[str, Any]]:
 
 def rank(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
     """Best first by `metric`; ties go to the smaller model, then the name."""
-    if metric not in METRICS:
-        raise CxrError(f"compare.metric is {metric!r}; expected one of {list(METRICS)}.")
+    if metric not in HEADLINE:
+        raise CxrError(f"compare.metric is {metric!r}; expected one of {list(HEADLINE)}.")
     return sorted(rows, key=lambda r: (-r[metric], r["param_count"], r["model"]))
 
 
@@ -69,15 +68,15 @@ def markdown(ranked: list[dict], metric: str, paired: dict | None, level: float)
         f"Champion by `{metric}`: **{champion['model']}** ({champion[metric]:.3f}). "
         f"Brackets: {level:.0%} bootstrap intervals over {champion['n_test']} test images.",
         "",
-        "| rank | model | macro-F1 | accuracy | balanced acc. | ROC-AUC | ECE | params "
+        "| rank | model | " + " | ".join(HEADLINE.values()) + " | ECE | params "
         "| train s | images/s |",
-        "|---:|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "|---:|---|" + "---|" * len(HEADLINE) + "---:|---:|---:|---:|",
     ]
     for i, r in enumerate(ranked, 1):
         lines.append(
-            f"| {i} | {r['model']} | {_interval(r, 'macro_f1')} | {_interval(r, 'accuracy')} "
-            f"| {r['balanced_accuracy']:.3f} | {r['roc_auc_macro']:.3f} | {r['ece']:.3f} "
-            f"| {r['param_count']:,} | {r['train_seconds']:.0f} "
+            f"| {i} | {r['model']} | "
+            + " | ".join(_interval(r, key) for key in HEADLINE)
+            + f" | {r['ece']:.3f} | {r['param_count']:,} | {r['train_seconds']:.0f} "
             f"| {r['train_images_per_second']:.0f} |"
         )
     if paired:
@@ -100,19 +99,21 @@ def markdown(ranked: list[dict], metric: str, paired: dict | None, level: float)
     return "\n".join(lines) + "\n"
 
 
-def plot(ranked: list[dict], path: Path) -> None:
+def plot(ranked: list[dict], n_classes: int, path: Path) -> None:
     plt = pyplot()
 
     names = [r["model"] for r in ranked]
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(1.4 * len(names) + 2, 4))
-    for offset, key in ((-0.2, "macro_f1"), (0.2, "accuracy")):
+    width = 0.8 / len(INTERVALS)
+    for i, key in enumerate(INTERVALS):
         values = np.array([r[key] for r in ranked])
         errors = np.array(
             [[r[key] - r[f"{key}_ci_low"], r[f"{key}_ci_high"] - r[key]] for r in ranked]
         )
-        ax.bar(x + offset, values, 0.4, yerr=errors.T, capsize=3, label=key)
-    ax.axhline(0.25, color="grey", ls=":", lw=1, label="chance (4 classes)")
+        offset = (i - (len(INTERVALS) - 1) / 2) * width
+        ax.bar(x + offset, values, width, yerr=errors.T, capsize=3, label=HEADLINE[key])
+    ax.axhline(1 / n_classes, color="grey", ls=":", lw=1, label=f"chance ({n_classes} classes)")
     ax.set_xticks(x, names)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("test score (95% bootstrap interval)")
@@ -162,7 +163,7 @@ def compare(params: dict[str, Any], evaluation: Path, out_dir: Path) -> dict[str
         writer = csv.DictWriter(f, fieldnames=list(ranked[0]))
         writer.writeheader()
         writer.writerows(ranked)
-    plot(ranked, out_dir / "chart.png")
+    plot(ranked, len(classes), out_dir / "chart.png")
     write_json(out_dir / "summary.json", summary)
 
     tags = tracking.run_tags("compare", champion["data_fingerprint"] or "")

@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,4 +61,6 @@ def progress(iterable=None, **kwargs):
     """A tqdm progress bar; updated every 10 s when output goes to a log, not a terminal."""
     from tqdm import tqdm
 
-    return tqdm(iterable, mininterval=0.2 if sys.stderr.isatty() else 10, **kwargs)
+    from cxr.console import stderr_is_terminal
+
+    return tqdm(iterable, mininterval=0.2 if stderr_is_terminal() else 10, **kwargs)

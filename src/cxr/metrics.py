@@ -11,6 +11,16 @@ from typing import Any
 
 import numpy as np
 
+# The headline test metrics (test.json's keys, compare's columns and compare.metric's
+# choices), with how reports name them; INTERVALS of them get bootstrap intervals.
+HEADLINE: dict[str, str] = {
+    "accuracy": "accuracy",
+    "balanced_accuracy": "balanced accuracy",
+    "macro_f1": "macro-F1",
+    "roc_auc_macro": "ROC-AUC (one-vs-rest, macro)",
+}
+INTERVALS = ("accuracy", "macro_f1")
+
 
 def confusion(y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
     """(k, k) counts, rows = actual, columns = predicted."""
@@ -74,8 +84,9 @@ def bootstrap_ci(
     level: float = 0.95,
     seed: int = 0,
 ) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap intervals of accuracy and macro-F1 (test images resampled with
-    replacement, `resamples` times, seeded: the same inputs give the same interval)."""
+    """Percentile bootstrap intervals of the INTERVALS metrics, accuracy and macro-F1 (test
+    images resampled with replacement, `resamples` times, seeded: the same inputs give the
+    same interval)."""
     rng = np.random.default_rng(seed)
     n = len(y)
     draws = rng.integers(0, n, size=(resamples, n))

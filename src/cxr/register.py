@@ -17,11 +17,18 @@ import numpy as np
 from cxr import tracking
 from cxr.cache import split_arrays
 from cxr.io import atomic_path, read_json, write_json
-from cxr.metrics import scores
+from cxr.metrics import HEADLINE, INTERVALS, scores
 from cxr.repo import git_commit
 from cxr.requirements import MODEL_REQUIREMENTS, pinned_requirements
 
 ALIAS = "champion"
+
+
+def champion_uri(model_name: str) -> str:
+    """The MLflow URI of the registered champion of `model_name` (params' register.model_name)."""
+    return f"models:/{model_name}@{ALIAS}"
+
+
 # What the served pyfunc needs besides the lock file's pins of MODEL_REQUIREMENTS.
 SERVING_REQUIREMENTS = ("pillow",)  # decoding in cxr.images
 
@@ -136,19 +143,17 @@ def model_card(
         lines.append(f"| {split} | " + " | ".join(str(per[c]) for c in dataset["classes"]) + " |")
     lines += [
         "",
-        f"## Test metrics ({test['n_test']} images, 95 % bootstrap intervals)",
+        f"## Test metrics ({test['n_test']} images, brackets: bootstrap intervals)",
         "",
         "| metric | value |",
         "|---|---|",
     ]
-    for key in ("accuracy", "macro_f1"):
-        lines.append(
-            f"| {key} | {test[key]:.3f} [{test[f'{key}_ci_low']:.3f}, "
-            f"{test[f'{key}_ci_high']:.3f}] |"
-        )
+    for key, label in HEADLINE.items():
+        value = f"{test[key]:.3f}"
+        if key in INTERVALS:
+            value += f" [{test[f'{key}_ci_low']:.3f}, {test[f'{key}_ci_high']:.3f}]"
+        lines.append(f"| {label} | {value} |")
     lines += [
-        f"| balanced accuracy | {test['balanced_accuracy']:.3f} |",
-        f"| ROC-AUC (one-vs-rest, macro) | {test['roc_auc_macro']:.3f} |",
         f"| expected calibration error | {test['ece']:.3f} |",
         "",
         "| class | recall | precision | F1 | test images |",
@@ -265,7 +270,7 @@ def register(
         "alias_moved": move,
         "decision": decision,
         "champion_version": holder.version if holder else None,
-        "model_uri": f"models:/{name}@{ALIAS}",
+        "model_uri": champion_uri(name),
     }
     write_json(out_dir / "champion.json", result)
     return result
