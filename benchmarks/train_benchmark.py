@@ -41,6 +41,7 @@ from cxr.fit import (  # noqa: E402
     build_for_training,
     fit,
     make_dataset,
+    set_runtime,
     settings_for,
 )
 from cxr.params import load_params  # noqa: E402
@@ -112,8 +113,7 @@ def bench_model(name, params, png_root, prepared, args) -> dict:
     n_steps = (args.steps + args.warmup) * per_call
 
     def fresh_model():
-        keras.utils.set_random_seed(0)
-        keras.mixed_precision.set_dtype_policy(accel["policy"])
+        set_runtime(0, accel)  # the stage's seed, determinism and precision
         return build_for_training(name, cfg, builder_cfg, x.shape[1:], n_classes, n_steps, accel)
 
     # (a) the stage's input pipeline alone
@@ -171,6 +171,7 @@ def bench_model(name, params, png_root, prepared, args) -> dict:
         "speedup": round(c / d, 2),
         "cpu_busy": round(busy, 2),
         "policy": accel["policy"],
+        "deterministic": accel["deterministic"],
         "jit_compile": accel["jit_compile"],
         "steps_per_execution": accel["steps_per_execution"],
         "threads": accel["threads"],

@@ -16,6 +16,7 @@ from cxr.fit import (
     settings_for,
 )
 from cxr.models import build_model
+from tests.conftest import ROOT
 
 NO_AUGMENT = {
     "rotation": 0.0,
@@ -101,17 +102,27 @@ def test_training_model_trains_the_served_model_and_saves_without_augmentation(t
     )
 
 
-def test_cpu_defaults_to_float32_without_xla():
-    auto = {"mixed_precision": "auto", "jit_compile": "auto", "steps_per_execution": "auto"}
-    accel = accelerator_settings({**auto, "threads": "auto"})
+AUTO = {
+    "mixed_precision": "auto",
+    "jit_compile": "auto",
+    "deterministic": "auto",
+    "steps_per_execution": "auto",
+    "threads": "auto",
+}
+
+
+def test_cpu_defaults_to_deterministic_float32_without_xla():
+    accel = accelerator_settings(AUTO)
     assert accel["policy"] == "float32" and accel["jit_compile"] is False
+    assert accel["deterministic"] is True
     assert accel["strategy"].num_replicas_in_sync == 1 and accel["steps_per_execution"] == 1
     assert accel["threads"] >= 1
-    forced = accelerator_settings(
-        {"mixed_precision": "on", "jit_compile": True, "steps_per_execution": 4, "threads": 1}
-    )
-    assert forced["policy"] == "mixed_bfloat16" and forced["jit_compile"] is True
-    assert forced["steps_per_execution"] == 4
+    forced = {"mixed_precision": "on", "jit_compile": True, "steps_per_execution": 4}
+    fast = accelerator_settings({**AUTO, **forced, "deterministic": False})
+    assert fast["policy"] == "mixed_bfloat16" and fast["jit_compile"] is True
+    assert fast["steps_per_execution"] == 4
+    # Keras 3 on TensorFlow has no XLA with deterministic ops: say so, do not pretend
+    assert accelerator_settings({**AUTO, **forced})["jit_compile"] is False
 
 
 def test_thread_pools_follow_the_cpu_affinity_in_a_fresh_process():
@@ -119,7 +130,8 @@ def test_thread_pools_follow_the_cpu_affinity_in_a_fresh_process():
         import os, tensorflow as tf
         from cxr.fit import accelerator_settings
         accel = accelerator_settings({"mixed_precision": "auto", "jit_compile": "auto",
-                                      "steps_per_execution": "auto", "threads": "auto"})
+                                      "deterministic": "auto", "steps_per_execution": "auto",
+                                      "threads": "auto"})
         print("threads", accel["threads"], tf.config.threading.get_intra_op_parallelism_threads(),
               tf.config.threading.get_inter_op_parallelism_threads(), len(os.sched_getaffinity(0)))
     """)
@@ -132,27 +144,62 @@ def test_thread_pools_follow_the_cpu_affinity_in_a_fresh_process():
 
 
 @pytest.mark.parametrize("name", ["cnn4_bn", "resnet50v2"])
-def test_mixed_precision_and_xla_train_a_step_on_cpu(name):
-    keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
+def test_mixed_precision_and_xla_train_as_the_stage_does_on_cpu(name):
+    """cxr.fit.fit with a GPU's settings (bf16, XLA, no determinism, several steps per call),
+    in a fresh process as the stage (op determinism, once on, stays on in a process)."""
+    script = textwrap.dedent(f"""
+        import numpy as np
+        from cxr.fit import accelerator_settings, fit
+        from tests.test_fit import AUTO, CFG, NO_AUGMENT, tiny_split
+        accel = accelerator_settings({{**AUTO, "mixed_precision": "on", "jit_compile": True,
+                                      "deterministic": False, "steps_per_execution": 2}})
+        kwargs = {{"weights": "none", "dense_units": 8}} if {name!r} == "resnet50v2" else {{}}
+        augment = {{"rotation": 0.02, "shift": 0.05, "zoom": 0.1, "brightness": 0.1}}
+        cfg = {{**CFG, "epochs": 1, "batch_size": 4, "augment": {{**NO_AUGMENT, **augment}}}}
+        train, val = tiny_split(16, 0, size=32), tiny_split(8, 1, size=32)
+        result = fit({name!r}, cfg, kwargs, train, val, 3, accel, progress=False)
+        print("jit", result.fitted.jit_compile, "loss", np.isfinite(result.history["loss"][0]),
+              "output", result.model.output.dtype,
+              "bf16", any(layer.compute_dtype == "bfloat16" for layer in result.model.layers))
+    """)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    # Keras turns XLA off for layers or settings that cannot take it: it stayed on
+    assert "jit True loss True output float32 bf16 True" in out.stdout
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_the_logged_xla_setting_is_the_compiled_models(deterministic, tmp_path, accel):
+    """With deterministic ops Keras turns a requested XLA off: the log says what runs."""
+    import mlflow
+
+    from cxr.train import LogRuntime
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    asked = {**accel, "jit_compile": True, "deterministic": deterministic}
+    cfg = {**CFG, "epochs": 1}
     try:
-        kwargs = {"weights": "none", "dense_units": 8} if name == "resnet50v2" else {}
-        model = build_model(name, (32, 32, 1), 4, **kwargs)
-        augment = {"rotation": 0.02, "shift": 0.05, "zoom": 0.1, "brightness": 0.1}
-        fitted = training_model(model, make_augmenter({**NO_AUGMENT, **augment}, 0))
-        fitted.compile(
-            optimizer="adam",
-            loss="sparse_categorical_crossentropy",
-            jit_compile=True,
-            steps_per_execution=2,
-        )
-        assert fitted.jit_compile is True  # Keras turns XLA off for layers that cannot take it
-        x = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 1)).astype(np.uint8)
-        history = fitted.fit(x, np.arange(8) % 4, batch_size=2, epochs=1, verbose=0)
-        assert np.isfinite(history.history["loss"][0])
-        assert model.output.dtype == "float32"
-        assert any(layer.compute_dtype == "bfloat16" for layer in model.layers)
+        with mlflow.start_run() as run:
+            result = fit(
+                "cnn",
+                cfg,
+                TINY,
+                tiny_split(24, 0),
+                tiny_split(6, 1),
+                3,
+                asked,
+                callbacks=[LogRuntime()],
+                progress=False,
+            )
+        logged = mlflow.get_run(run.info.run_id).data.params
     finally:
-        keras.mixed_precision.set_dtype_policy("float32")
+        mlflow.set_tracking_uri(None)
+    if deterministic:
+        assert result.fitted.jit_compile is False
+    assert logged["runtime.jit_compile"] == str(result.fitted.jit_compile)
+    assert logged["runtime.dtype_policy"] == "float32"
 
 
 def test_mirrored_strategy_on_two_logical_cpus_trains_an_epoch():
@@ -228,15 +275,15 @@ CFG = {
     "imbalance": "class_weight",
     "augment": NO_AUGMENT,
 }
-CPU = {"policy": "float32", "jit_compile": False, "steps_per_execution": 1}
+CPU = {"policy": "float32", "jit_compile": False, "deterministic": True, "steps_per_execution": 1}
 TINY = {"filters": [4], "dense_units": 4}
 
 
-def tiny_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def tiny_split(n: int, seed: int, size: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """Images whose brightness tells their class (so a small CNN learns it), 3 classes."""
     rng = np.random.default_rng(seed)
     y = np.arange(n) % 3
-    x = rng.integers(0, 40, (n, 16, 16, 1)) + (y * 90)[:, None, None, None]
+    x = rng.integers(0, 40, (n, size, size, 1)) + (y * 90)[:, None, None, None]
     return x.astype(np.uint8), y
 
 

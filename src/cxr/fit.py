@@ -33,7 +33,9 @@ def accelerator_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     taskset and container CPU sets, not the host's count), for both of TensorFlow's thread
     pools; set before TensorFlow starts its runtime (in a process where it has already
     started, the running pools stay). Mixed precision: bfloat16 on GPUs that have it (compute
-    capability 8.0+), else float16; off on CPU. XLA (jit_compile): on with a GPU.
+    capability 8.0+), else float16; off on CPU. Deterministic ops: on without a GPU, off
+    with one. XLA (jit_compile): on with a GPU, and never with deterministic ops (Keras 3
+    on TensorFlow turns it off then; resolving it here keeps the logged value true).
     `steps_per_execution`: 32 batches per compiled call with a GPU (one host round trip per
     32 steps), 1 on CPU (no gain there, and per-batch progress stays exact). Several GPUs:
     MirroredStrategy."""
@@ -53,8 +55,10 @@ def accelerator_settings(cfg: dict[str, Any]) -> dict[str, Any]:
             details = tf.config.experimental.get_device_details(gpus[0])
             major = (details.get("compute_capability") or (0, 0))[0]
         policy = "mixed_bfloat16" if not gpus or major >= 8 else "mixed_float16"
+    deterministic = cfg["deterministic"]
+    deterministic = not gpus if deterministic == "auto" else bool(deterministic)
     jit = cfg["jit_compile"]
-    jit = bool(gpus) if jit == "auto" else bool(jit)
+    jit = (bool(gpus) if jit == "auto" else bool(jit)) and not deterministic
     steps = cfg["steps_per_execution"]
     steps = (32 if gpus else 1) if steps == "auto" else steps
     logical = tf.config.list_logical_devices("GPU")
@@ -63,6 +67,7 @@ def accelerator_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     )
     return {
         "policy": policy,
+        "deterministic": deterministic,
         "jit_compile": jit,
         "steps_per_execution": steps,
         "threads": threads,
@@ -101,6 +106,20 @@ def oversample(y: np.ndarray, n_classes: int, seed: int) -> np.ndarray:
             extra = rng.choice(members, top - len(members), replace=True)
             chosen.append(np.concatenate([members, extra]))
     return np.sort(np.concatenate(chosen))
+
+
+def set_runtime(seed: int, accel: dict[str, Any]) -> None:
+    """Seed Keras, NumPy and TensorFlow; turn TensorFlow's op determinism on when accel says
+    so and set the precision policy: what fit does before it builds a model. TensorFlow has
+    no public way to turn determinism off again: in a process where a deterministic training
+    ran, later ones stay deterministic (and so without XLA; the stage runs one training
+    per process, and LogRuntime logs what the model really does)."""
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)
+    if accel["deterministic"]:
+        tf.config.experimental.enable_op_determinism()
+    keras.mixed_precision.set_dtype_policy(accel["policy"])
 
 
 def build_for_training(
@@ -181,18 +200,14 @@ def fit(
     progress: bool = True,
 ) -> Fitted:
     """Train architecture `name` with settings `cfg` (`settings_for`) on the uint8 arrays
-    `train` and `val` (images, labels). Seeds Keras, NumPy and TensorFlow with cfg's `seed`
-    and makes TensorFlow's ops deterministic, sets accel's precision policy, balances the
+    `train` and `val` (images, labels). Sets the runtime (`set_runtime`: seed, determinism,
+    precision as accel says), balances the
     training split as cfg's `imbalance` says, builds the model (or continues `resume`) and
     fits up to cfg's `epochs` with early stopping on the validation loss, best weights
     restored. `callbacks` run after the loop's own (early stopping, epoch timer).
     `steps_per_epoch`: fixed-length epochs over the repeated training data (benchmarks).
     `progress`: one line per epoch on stdout."""
-    import tensorflow as tf
-
-    keras.utils.set_random_seed(cfg["seed"])
-    tf.config.experimental.enable_op_determinism()
-    keras.mixed_precision.set_dtype_policy(accel["policy"])
+    set_runtime(cfg["seed"], accel)
     started = time.perf_counter()
     x_train, y_train = train
     weights = None

@@ -61,6 +61,7 @@ SCHEMA: dict[str, Any] = {
         },
         "mixed_precision": str,
         "jit_compile": (str, bool),
+        "deterministic": (str, bool),
         "steps_per_execution": (str, int),
         "threads": (str, int),
         "checkpoint_seconds": (int, float),
@@ -162,8 +163,11 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
             raise ParamsError(
                 f"params.yaml: train.{key} is {train[key]!r}; expected one of {list(allowed)}."
             )
-    if train["jit_compile"] not in ("auto", True, False):
-        raise ParamsError("params.yaml: train.jit_compile must be auto, true or false.")
+    for key in ("jit_compile", "deterministic"):
+        if train[key] not in ("auto", True, False):
+            raise ParamsError(
+                f"params.yaml: train.{key} is {train[key]!r}; expected auto, true or false."
+            )
     if train["checkpoint_seconds"] < 0:
         raise ParamsError("params.yaml: train.checkpoint_seconds must be 0 (every epoch) or more.")
     for key in ("steps_per_execution", "threads"):

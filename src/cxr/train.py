@@ -132,6 +132,7 @@ def train(
             len(classes),
             accel,
             callbacks=[
+                LogRuntime(),
                 saver,
                 mlflow.keras.MlflowCallback(),
                 keras.callbacks.TensorBoard(str(out_dir / "tensorboard")),
@@ -163,7 +164,8 @@ def run_params(
     sizes: tuple[int, int],
     accel: dict[str, Any],
 ) -> dict[str, Any]:
-    """The MLflow params of a training run: its settings, data and resolved runtime."""
+    """The MLflow params of a training run: its settings, its data and the runtime facts
+    known before the model exists (LogRuntime adds what the compiled model does)."""
     return {
         **{f"train.{k}": v for k, v in flatten(cfg).items() if k != "models"},
         **{f"model.{k}": v for k, v in flatten(builder_cfg).items()},
@@ -172,12 +174,27 @@ def run_params(
         "data.image_size": summary["image_size"],
         "data.n_train": sizes[0],
         "data.n_val": sizes[1],
-        "runtime.dtype_policy": accel["policy"],
-        "runtime.jit_compile": accel["jit_compile"],
+        "runtime.deterministic": accel["deterministic"],
         "runtime.replicas": accel["strategy"].num_replicas_in_sync,
-        "runtime.steps_per_execution": accel["steps_per_execution"],
         "runtime.threads": accel["threads"],
     }
+
+
+class LogRuntime(keras.callbacks.Callback):
+    """Log the settings the training really runs with, read back from the compiled model
+    (Keras turns a requested XLA off where it cannot use it): runtime.jit_compile,
+    runtime.steps_per_execution and runtime.dtype_policy."""
+
+    def on_train_begin(self, logs=None):
+        import mlflow
+
+        mlflow.log_params(
+            {
+                "runtime.jit_compile": bool(self.model.jit_compile),
+                "runtime.steps_per_execution": int(self.model.steps_per_execution),
+                "runtime.dtype_policy": self.model.dtype_policy.name,
+            }
+        )
 
 
 def summarise(result: Fitted) -> tuple[dict[str, Any], dict[str, float]]:
