@@ -96,3 +96,31 @@ def test_a_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         "run_id",
         "state.json",
     ]
+
+
+def test_a_resumed_training_keeps_the_best_weights_of_the_whole_run(tmp_path):
+    """Early stopping's best weights and state survive a resume: the final model is the
+    reported best epoch's, also when that epoch came before the kill."""
+    import tensorflow as tf
+
+    from cxr.fit import early_stopping, fit
+    from tests.test_fit import CFG, CPU, TINY, tiny_split
+
+    accel = {**CPU, "strategy": tf.distribute.get_strategy()}
+    train, val = tiny_split(48, 0), tiny_split(12, 1)
+    cfg = {**CFG, "epochs": 3, "early_stopping_patience": 10}
+    checkpoint = Checkpoint(tmp_path, "cnn", [])
+    checkpoint.start("run-1")
+    stopper = early_stopping(cfg)
+    saver = checkpoint.saver({}, 0, stopper)
+    fit("cnn", cfg, TINY, train, val, 3, accel, callbacks=[saver], stopper=stopper, progress=False)
+    resume = checkpoint.load()
+    assert resume.epochs_done == 3 and resume.early_stopping["best_epoch"] <= 2
+    assert len(list(checkpoint.folder.glob("best-*.npz"))) == 1
+    # after the "kill", a learning rate that wrecks the model: the best epoch stays early
+    resume.fitted.optimizer.learning_rate.assign(50.0)
+    more = {**cfg, "epochs": 5}
+    result = fit("cnn", more, TINY, train, val, 3, accel, resume=resume, progress=False)
+    assert result.best_epoch <= 3 and len(result.history["val_loss"]) == 5
+    loss, _ = result.fitted.evaluate(*val, verbose=0)
+    assert loss == pytest.approx(result.history["val_loss"][result.best_epoch - 1], rel=1e-4)

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import keras
+import numpy as np
 
-from cxr.fit import Resume
+from cxr.fit import EarlyStopping, Resume
 from cxr.io import atomic_path, read_json, write_json
 
 
@@ -51,14 +52,24 @@ class Checkpoint:
 
         try:
             fitted = keras.saving.load_model(self.folder / state["model"])
+            stopping = state.get("early_stopping")
+            if stopping and stopping["best_weights"]:
+                with np.load(self.folder / stopping["best_weights"]) as saved:
+                    stopping["best_weights"] = [saved[f"w{i}"] for i in range(len(saved.files))]
         except Exception as err:  # an unreadable checkpoint means: start over
             print(f"checkpoint {self.folder} unreadable ({err}); training from the start")
             return None
-        return Resume(fitted, state["epochs_done"], state["history"])
+        return Resume(fitted, state["epochs_done"], state["history"], stopping)
 
-    def saver(self, history: dict[str, list[float]], interval: float) -> EpochCheckpoint:
-        """The callback that saves this training, continuing `history`."""
-        return EpochCheckpoint(self.folder, history, interval)
+    def saver(
+        self,
+        history: dict[str, list[float]],
+        interval: float,
+        stopper: EarlyStopping | None = None,
+    ) -> EpochCheckpoint:
+        """The callback that saves this training, continuing `history`, with `stopper`'s
+        state (put it before the saver in the callbacks)."""
+        return EpochCheckpoint(self.folder, history, interval, stopper)
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -66,13 +77,20 @@ class Checkpoint:
 
 class EpochCheckpoint(keras.callbacks.Callback):
     """At the end of an epoch, once `interval` seconds have passed since the last save (or
-    the start), save the model (with its optimizer state) and the history so far, each
-    atomically: a kill at any moment leaves a complete epoch to resume from, and loses at
-    most `interval` seconds plus one epoch of training. `interval` 0: every epoch."""
+    the start), save the model (with its optimizer state), the history so far and early
+    stopping's state (with its best weights), each atomically: a kill at any moment leaves
+    a complete epoch to resume from, and loses at most `interval` seconds plus one epoch of
+    training. `interval` 0: every epoch."""
 
-    def __init__(self, folder: Path, history: dict[str, list[float]], interval: float):
+    def __init__(
+        self,
+        folder: Path,
+        history: dict[str, list[float]],
+        interval: float,
+        stopper: EarlyStopping | None = None,
+    ):
         super().__init__()
-        self.folder, self.interval = folder, interval
+        self.folder, self.interval, self.stopper = folder, interval, stopper
         self.history = {k: list(v) for k, v in history.items()}
         self.seconds = 0.0  # spent saving, in all
         self._last = time.perf_counter()
@@ -91,9 +109,20 @@ class EpochCheckpoint(keras.callbacks.Callback):
         with atomic_path(path) as tmp:
             self.model.save(tmp)
         state = {"epochs_done": epoch + 1, "model": path.name, "history": self.history}
-        write_json(self.folder / "state.json", state)
-        for old in self.folder.glob("epoch-*.keras"):
-            if old != path:
+        if self.stopper is not None:
+            stopping = self.stopper.state()
+            if stopping["best_weights"] is not None:
+                # the best epoch's weights, written once per best epoch
+                best = self.folder / f"best-{stopping['best_epoch'] + 1}.npz"
+                if not best.exists():
+                    with atomic_path(best) as tmp, open(tmp, "wb") as f:
+                        weights = stopping["best_weights"]
+                        np.savez(f, **{f"w{i}": w for i, w in enumerate(weights)})
+                stopping["best_weights"] = best.name
+            state["early_stopping"] = stopping
+        write_json(self.folder / "state.json", state)  # the commit point: all of it or none
+        for old in [*self.folder.glob("epoch-*.keras"), *self.folder.glob("best-*.npz")]:
+            if old.name not in (path.name, state.get("early_stopping", {}).get("best_weights")):
                 old.unlink()
         self._last = time.perf_counter()
         self.seconds += self._last - started

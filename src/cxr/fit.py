@@ -157,11 +157,44 @@ def build_for_training(
 @dataclass
 class Resume:
     """Where a killed training stopped: its training model (compiled, with the optimizer's
-    state), the epochs done and their history."""
+    state), the epochs done, their history and early stopping's state (best loss, epoch
+    and weights so far, epochs without improvement)."""
 
     fitted: keras.Model
     epochs_done: int
     history: dict[str, list[float]] = field(default_factory=dict)
+    early_stopping: dict[str, Any] | None = None
+
+
+class EarlyStopping(keras.callbacks.EarlyStopping):
+    """Keras' early stopping on the validation loss, best weights restored at the end, that
+    continues from a saved `state()` (a resumed training keeps the best weights of the whole
+    run, not of its resumed part)."""
+
+    def __init__(self, patience: int, state: dict[str, Any] | None = None):
+        super().__init__(monitor="val_loss", patience=patience, restore_best_weights=True)
+        self._resumed = state
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self._resumed:
+            self.wait = self._resumed["wait"]
+            self.best = self._resumed["best"]
+            self.best_epoch = self._resumed["best_epoch"]
+            self.best_weights = self._resumed["best_weights"]
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "wait": self.wait,
+            "best": None if self.best is None else float(self.best),
+            "best_epoch": self.best_epoch,
+            "best_weights": self.best_weights,
+        }
+
+
+def early_stopping(cfg: dict[str, Any], resume: Resume | None = None) -> EarlyStopping:
+    """The early stopping `fit` uses for `cfg`, continuing `resume`'s."""
+    return EarlyStopping(cfg["early_stopping_patience"], resume.early_stopping if resume else None)
 
 
 @dataclass
@@ -198,6 +231,7 @@ def fit(
     resume: Resume | None = None,
     steps_per_epoch: int | None = None,
     progress: bool = True,
+    stopper: EarlyStopping | None = None,
 ) -> Fitted:
     """Train architecture `name` with settings `cfg` (`settings_for`) on the uint8 arrays
     `train` and `val` (images, labels). Sets the runtime (`set_runtime`: seed, determinism,
@@ -206,7 +240,8 @@ def fit(
     fits up to cfg's `epochs` with early stopping on the validation loss, best weights
     restored. `callbacks` run after the loop's own (early stopping, epoch timer).
     `steps_per_epoch`: fixed-length epochs over the repeated training data (benchmarks).
-    `progress`: one line per epoch on stdout."""
+    `progress`: one line per epoch on stdout. `stopper`: the `early_stopping(cfg, resume)`
+    to use, when a callback (a checkpoint) must see its state."""
     set_runtime(cfg["seed"], accel)
     started = time.perf_counter()
     x_train, y_train = train
@@ -243,11 +278,7 @@ def fit(
         steps_per_epoch=steps_per_epoch,
         class_weight=weights,
         callbacks=[
-            keras.callbacks.EarlyStopping(
-                monitor="val_loss",
-                patience=cfg["early_stopping_patience"],
-                restore_best_weights=True,
-            ),
+            stopper or early_stopping(cfg, resume),
             timer,
             *([EpochLine(f"train@{name}", cfg["epochs"], timer)] if progress else []),
             *callbacks,

@@ -13,7 +13,7 @@ import numpy as np
 from cxr import tracking
 from cxr.cache import split_arrays
 from cxr.checkpoint import Checkpoint
-from cxr.fit import Fitted, accelerator_settings, fit, settings_for
+from cxr.fit import Fitted, accelerator_settings, early_stopping, fit, settings_for
 from cxr.io import atomic_path, pyplot, save_figure, write_json
 from cxr.params import flatten
 from cxr.repo import repo_root
@@ -106,7 +106,8 @@ def train(
         resume, resumed = None, None
 
     tags = tracking.run_tags(stage=f"train@{name}", data_fingerprint=summary["fingerprint"])
-    saver = checkpoint.saver(resume.history if resume else {}, cfg["checkpoint_seconds"])
+    stopper = early_stopping(cfg, resume)
+    saver = checkpoint.saver(resume.history if resume else {}, cfg["checkpoint_seconds"], stopper)
     with tracking.start_run(params["mlflow"]["experiment"], name, tags, run_id=resumed) as run:
         checkpoint.start(run.info.run_id)
         if resume:
@@ -138,6 +139,7 @@ def train(
                 keras.callbacks.TensorBoard(str(out_dir / "tensorboard")),
             ],
             resume=resume,
+            stopper=stopper,
         )
         phases.done("fit")
         phases.move("fit", "build", result.build_seconds)
