@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import stat
 import zipfile
 from pathlib import Path
@@ -42,10 +43,12 @@ class FakeKaggleApi:
 
     def __init__(self, zip_path: Path | None, failures: list[BaseException] = ()):
         self.zip_path, self.failures, self.calls = zip_path, list(failures), []
+        self.resumable = []  # per call: force=False and the partial bytes found
 
     def dataset_download_files(self, dataset, path=None, force=False, quiet=True, unzip=False):
         self.calls.append(dataset)
         out = Path(path) / f"{dataset.split('/')[1]}.zip"
+        self.resumable.append((not force, out.stat().st_size if out.exists() else 0))
         if self.failures:
             out.write_bytes(b"PK\x03\x04 partial")  # an interrupted transfer
             raise self.failures.pop(0)
@@ -60,6 +63,7 @@ def http_error(code: int) -> requests.HTTPError:
 
 @pytest.fixture
 def creds(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "kaggle-config"))
     for var in ("KAGGLE_USERNAME", "KAGGLE_KEY"):
         monkeypatch.delenv(var, raising=False)
@@ -116,6 +120,7 @@ def test_older_flat_layout_without_wrapper_folder(tmp_path, creds):
 
 
 def test_missing_credentials_say_how_to_set_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "none"))
     for var in ("KAGGLE_API_TOKEN", "KAGGLE_USERNAME", "KAGGLE_KEY"):
         monkeypatch.delenv(var, raising=False)
@@ -125,15 +130,76 @@ def test_missing_credentials_say_how_to_set_them(tmp_path, monkeypatch):
     assert api.calls == [] and not (tmp_path / "raw").exists()
 
 
-def test_legacy_kaggle_json_counts_as_credentials(tmp_path, monkeypatch):
+@pytest.fixture
+def no_creds(tmp_path, monkeypatch):
+    """A home folder and environment without any Kaggle credentials."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for var in ("KAGGLE_API_TOKEN", "KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_CONFIG_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    return home
+
+
+def test_credentials_are_found_where_the_locked_client_reads_them(no_creds, monkeypatch):
     from cxr.download import kaggle_credentials
 
-    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path))
-    for var in ("KAGGLE_API_TOKEN", "KAGGLE_USERNAME", "KAGGLE_KEY"):
-        monkeypatch.delenv(var, raising=False)
+    home = no_creds
     assert kaggle_credentials() is None
-    (tmp_path / "kaggle.json").write_text('{"username": "u", "key": "k"}')
-    assert kaggle_credentials() == str(tmp_path / "kaggle.json")
+    (home / ".config" / "kaggle").mkdir(parents=True)  # XDG, as ~/.kaggle does not exist
+    (home / ".config" / "kaggle" / "kaggle.json").write_text('{"username": "u", "key": "k"}')
+    assert kaggle_credentials() == str(home / ".config" / "kaggle" / "kaggle.json")
+    (home / ".kaggle").mkdir()  # now ~/.kaggle exists: the client reads it, not XDG
+    assert kaggle_credentials() is None
+    (home / ".kaggle" / "credentials.json").write_text('{"refresh_token": "r"}')  # auth login
+    assert kaggle_credentials() == str(home / ".kaggle" / "credentials.json")
+    (home / ".kaggle" / "kaggle.json").write_text('{"username": "u", "key": "k"}')
+    assert kaggle_credentials() == str(home / ".kaggle" / "kaggle.json")
+    # an access token is read from the home folder, whatever KAGGLE_CONFIG_DIR says
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(home / "elsewhere"))
+    (home / ".kaggle" / "access_token").write_text("token")
+    assert kaggle_credentials() == str(home / ".kaggle" / "access_token")
+    monkeypatch.setenv("KAGGLE_API_TOKEN", "t")
+    assert kaggle_credentials() == "KAGGLE_API_TOKEN"
+
+
+def fake_http(monkeypatch, status: int) -> list[str]:
+    """Every request of the Kaggle client answered with `status` (its HTTP layer only)."""
+    seen = []
+
+    def send(self, request, **kwargs):
+        seen.append(request.url)
+        response = requests.Response()
+        response.status_code, response.url, response.request = status, request.url, request
+        response._content = b"{}"
+        return response
+
+    monkeypatch.setattr(requests.Session, "send", send)
+    return seen
+
+
+def test_the_real_client_without_credentials_says_so_in_one_line(no_creds, monkeypatch, capsys):
+    from cxr.download import NO_CREDENTIALS, _kaggle_api
+
+    fake_http(monkeypatch, 500)
+    with pytest.raises(DownloadError) as caught:
+        _kaggle_api()
+    assert str(caught.value) == NO_CREDENTIALS
+    assert capsys.readouterr().out == ""  # the client's own help (and exit(1)) stay out
+
+
+def test_the_real_client_turning_a_token_down_gives_the_projects_message(
+    no_creds, monkeypatch, capsys
+):
+    from cxr.download import _kaggle_api
+
+    monkeypatch.setenv("KAGGLE_API_TOKEN", "expired-token")
+    seen = fake_http(monkeypatch, 403)
+    with pytest.raises(DownloadError, match="did not accept the credentials from KAGGLE_API_"):
+        _kaggle_api()
+    assert any("ntrospect" in url for url in seen)  # the client really asked Kaggle
+    assert "expired-token" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -268,3 +334,36 @@ def test_macos_junk_and_extra_files_are_ignored(tmp_path, creds):
         zf.writestr(f"covid19/{DATASET_DIR}/README.md.txt", b"readme")
     info = run_kaggle(tmp_path, FakeKaggleApi(archive))
     assert info["files"] == {"COVID": 40, "Normal": 40, "Viral Pneumonia": 40}
+
+
+@needs_sample
+def test_a_damaged_cached_zip_is_downloaded_again_once(tmp_path, creds, sample_zip, capsys):
+    api = FakeKaggleApi(sample_zip)
+    run_kaggle(tmp_path, api)
+    (cached,) = (tmp_path / "cache").glob("*.zip")
+    data = bytearray(cached.read_bytes())
+    data[len(data) // 3] ^= 0xFF  # inside some PNG entry
+    cached.write_bytes(bytes(data))
+    shutil.rmtree(tmp_path / "raw")
+    info = run_kaggle(tmp_path, api)
+    assert len(api.calls) == 2 and info["files"]["COVID"] == 40
+    assert "Deleting the cached copy and downloading it again" in capsys.readouterr().out
+    assert cached.read_bytes() == sample_zip.read_bytes()
+    # Kaggle's own file damaged: downloaded twice, then deleted, and the error says so
+    damaged = tmp_path / "damaged.zip"
+    damaged.write_bytes(bytes(data))
+    cached.write_bytes(bytes(data))
+    shutil.rmtree(tmp_path / "raw")
+    with pytest.raises(DownloadError, match="downloaded twice and deleted"):
+        run_kaggle(tmp_path, FakeKaggleApi(damaged))
+    assert not list((tmp_path / "cache").glob("*.zip")) and not (tmp_path / "raw").exists()
+
+
+@needs_sample
+def test_a_retry_resumes_the_partial_download(tmp_path, creds, sample_zip, monkeypatch):
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    api = FakeKaggleApi(sample_zip, [requests.ConnectionError("reset by peer")])
+    run_kaggle(tmp_path, api)
+    assert api.resumable[0] == (True, 0)
+    assert api.resumable[1][0] and api.resumable[1][1] > 0  # the partial bytes were kept
+    assert not list((tmp_path / "cache").glob(".*.part"))  # and cleaned up after

@@ -41,20 +41,35 @@ class DownloadError(CxrError):
     pass
 
 
+class CorruptArchive(DownloadError):
+    """The zip itself is damaged (not its layout): a cached download is fetched again."""
+
+
 # ---------------------------------------------------------------------------- Kaggle
 
 
 def kaggle_credentials() -> str | None:
-    """Where the Kaggle client will find credentials (never their value), or None."""
-    config_dir = Path(os.environ.get("KAGGLE_CONFIG_DIR") or Path.home() / ".kaggle")
+    """Where the Kaggle client (kaggle 2.2 / kagglesdk 0.1) looks first and finds
+    credentials (never their value), or None; it names them in messages. As the client: an
+    access token in KAGGLE_API_TOKEN (the token or a file holding it) or in
+    ~/.kaggle/access_token(.txt) (always the home folder); the legacy KAGGLE_USERNAME and
+    KAGGLE_KEY or kaggle.json in KAGGLE_CONFIG_DIR (default ~/.kaggle, or
+    $XDG_CONFIG_HOME/kaggle when ~/.kaggle does not exist); the OAuth
+    credentials `kaggle auth login` writes (~/.kaggle/credentials.json)."""
+    home = Path.home() / ".kaggle"
+    xdg = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "kaggle"
+    config_dir = Path(os.environ.get("KAGGLE_CONFIG_DIR") or (home if home.exists() else xdg))
     if os.environ.get("KAGGLE_API_TOKEN"):
         return "KAGGLE_API_TOKEN"
-    if (config_dir / "access_token").is_file():
-        return str(config_dir / "access_token")
+    for name in ("access_token", "access_token.txt"):
+        if (home / name).is_file():
+            return str(home / name)
     if os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY"):
         return "KAGGLE_USERNAME and KAGGLE_KEY"
     if (config_dir / "kaggle.json").is_file():
         return str(config_dir / "kaggle.json")
+    if (home / "credentials.json").is_file():
+        return str(home / "credentials.json")
     return None
 
 
@@ -67,10 +82,28 @@ NO_CREDENTIALS = (
 
 
 def _kaggle_api():
-    from kaggle.api.kaggle_api_extended import KaggleApi  # authenticates on import: lazy
+    """An authenticated KaggleApi. The client decides which credentials count (kaggle 2.x:
+    an access token, then kaggle.json / KAGGLE_USERNAME+KAGGLE_KEY, then `kaggle auth login`
+    OAuth credentials); when none does, it prints its help and calls exit(1), which becomes
+    this project's one-line message."""
+    import contextlib
+    import io
 
-    api = KaggleApi()
-    api.authenticate()
+    try:
+        # `import kaggle` authenticates too (printing the client's help when it fails)
+        with contextlib.redirect_stdout(io.StringIO()):
+            from kaggle.api.kaggle_api_extended import KaggleApi
+
+            api = KaggleApi()
+            api.authenticate()
+    except SystemExit as err:
+        found = kaggle_credentials()
+        if found:  # there were credentials, and the client turned them down
+            raise DownloadError(
+                f"Kaggle did not accept the credentials from {found} (invalid or expired): "
+                "create a new token at https://www.kaggle.com/settings (API section)."
+            ) from err
+        raise DownloadError(NO_CREDENTIALS) from err
     return api
 
 
@@ -100,8 +133,11 @@ def kaggle_download(
 ) -> Path:
     """Download `dataset` (owner/name) as a zip into `dest`; return the zip's path.
 
-    Network failures are retried with exponential backoff; HTTP errors become messages that
-    say what to do. A failed or interrupted download leaves nothing in `dest`.
+    One retry policy: a network failure is retried `retries` times in all, with exponential
+    backoff, and each attempt resumes the bytes already fetched (the client asks for the
+    rest with an HTTP Range request, checked against the file's ETag) instead of starting
+    over. HTTP errors become messages that say what to do. A failed download leaves nothing
+    in `dest`.
     """
     if kaggle_credentials() is None:
         raise DownloadError(NO_CREDENTIALS)
@@ -113,13 +149,23 @@ def kaggle_download(
     if final.is_file() and zipfile.is_zipfile(final):
         return final
     dest.mkdir(parents=True, exist_ok=True)
-    for attempt in range(1, retries + 1):
-        tmp = Path(dest / f".{final.name}.part")
+    tmp = Path(dest / f".{final.name}.part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        return _download_attempts(api_factory, ref, owner_name, tmp, final, retries, backoff_s)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+
+
+def _download_attempts(
+    api_factory, ref: str, owner_name: str, tmp: Path, final: Path, retries: int, backoff_s
+) -> Path:
+    for attempt in range(1, retries + 1):
         try:
             api = api_factory()
-            api.dataset_download_files(ref, path=str(tmp), force=True, quiet=False, unzip=False)
+            # force=False: a retry resumes the partial file in `tmp`
+            api.dataset_download_files(ref, path=str(tmp), force=False, quiet=False, unzip=False)
             zips = list(tmp.glob("*.zip"))
             if len(zips) != 1:
                 raise DownloadError(f"Kaggle download of {ref} gave no zip file.")
@@ -151,9 +197,35 @@ def kaggle_download(
             wait = backoff_s * 2 ** (attempt - 1)
             print(f"download: network error ({err}); retry {attempt}/{retries - 1} in {wait:g} s")
             time.sleep(wait)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     raise AssertionError("unreachable")
+
+
+def kaggle_unpack(
+    dataset: str,
+    version: int | None,
+    cache_dir: Path,
+    api_factory: Callable[[], Any],
+    out: Path,
+    name: str,
+    what: str,
+) -> dict[str, Any]:
+    """Download `dataset` into the cache (or take it from there) and unpack it into `out`. A
+    cached zip that turns out damaged is deleted and downloaded again, once, saying so; a
+    fresh download that is damaged too is deleted, and the error says so."""
+    zip_path = kaggle_download(dataset, version, cache_dir, api_factory)
+    try:
+        return unpack_into(zip_path, out, name, what)
+    except CorruptArchive as err:
+        print(f"download: {err} Deleting the cached copy and downloading it again.")
+        zip_path.unlink(missing_ok=True)
+    zip_path = kaggle_download(dataset, version, cache_dir, api_factory)
+    try:
+        return unpack_into(zip_path, out, name, what)
+    except CorruptArchive as err:
+        zip_path.unlink(missing_ok=True)
+        raise CorruptArchive(
+            f"{err} It was downloaded twice and deleted; try again later."
+        ) from err
 
 
 # ---------------------------------------------------------------------------- archives
@@ -176,7 +248,7 @@ def extract_zip(archive: Path, dest: Path) -> None:
     after checking every entry's name (no absolute paths, no '..', no links) and the free
     space; every entry's CRC is checked as it is unpacked. With a progress bar."""
     if not zipfile.is_zipfile(archive):
-        raise DownloadError(f"{archive} is not a zip file (truncated or not an archive).")
+        raise CorruptArchive(f"{archive} is not a zip file (truncated or not an archive).")
     try:
         with zipfile.ZipFile(archive) as zf:
             infos = zf.infolist()
@@ -198,13 +270,13 @@ def extract_zip(archive: Path, dest: Path) -> None:
                     except zipfile.BadZipFile as err:
                         if "CRC" not in str(err):
                             raise
-                        raise DownloadError(
+                        raise CorruptArchive(
                             f"{archive} is corrupt: entry {info.filename!r} fails its CRC check."
                         ) from err
                     bar.update(info.file_size)
     except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError) as err:
         # RuntimeError: encrypted entries; NotImplementedError: unsupported compression.
-        raise DownloadError(f"{archive} cannot be unpacked: {err}.") from err
+        raise CorruptArchive(f"{archive} cannot be unpacked: {err}.") from err
 
 
 def _find_dir(root: Path, name: str) -> Path | None:
@@ -254,8 +326,13 @@ def unpack_into(source: Path, out: Path, name: str, what: str) -> dict[str, Any]
     if source.is_file():
         info["sha256"] = sha256_file(source)
         staging = out / f".{name}.unpack"
+        shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
-        extract_zip(source, staging)
+        try:
+            extract_zip(source, staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         unpacked = staging
     elif source.is_dir():
         unpacked = source
@@ -303,17 +380,28 @@ def download(
         elif source == "archive":
             info.update(unpack_into(Path(data["archive"]), tmp, DATASET_DIR, "data.archive"))
         else:
-            zip_path = kaggle_download(
-                data["kaggle_dataset"], data["kaggle_version"], cache_dir, api_factory
-            )
             info["kaggle_dataset"] = data["kaggle_dataset"]
             info["kaggle_version"] = data["kaggle_version"] or "latest"
-            info.update(unpack_into(zip_path, tmp, DATASET_DIR, "Kaggle archive"))
+            info.update(
+                kaggle_unpack(
+                    data["kaggle_dataset"],
+                    data["kaggle_version"],
+                    cache_dir,
+                    api_factory,
+                    tmp,
+                    DATASET_DIR,
+                    "Kaggle archive",
+                )
+            )
         if data["topup"] and source != "synthetic":
+            what = "top-up archive"
             if source == "kaggle":
-                topup = kaggle_download(data["topup_dataset"], None, cache_dir, api_factory)
+                dataset = data["topup_dataset"]
+                unpacked = kaggle_unpack(
+                    dataset, None, cache_dir, api_factory, tmp, TOPUP_DIR, what
+                )
             elif data["topup_archive"]:
-                topup = Path(data["topup_archive"])
+                unpacked = unpack_into(Path(data["topup_archive"]), tmp, TOPUP_DIR, what)
             else:
                 raise DownloadError(
                     "data.topup is set with data.source: archive, but data.topup_archive is "
@@ -322,7 +410,7 @@ def download(
             info["topup"] = {
                 "dataset": data["topup_dataset"],
                 "pneumonia": data["topup"],
-                **unpack_into(topup, tmp, TOPUP_DIR, "top-up archive"),
+                **unpacked,
             }
         elif data["topup"]:
             info["topup"] = {"pneumonia": data["topup"], "files": count_images(tmp / TOPUP_DIR)}
