@@ -63,3 +63,17 @@ def test_mlflow_run_id_becomes_the_parent(local_store, monkeypatch):
     import os
 
     assert os.environ["MLFLOW_RUN_ID"] == parent  # restored for the next stage
+
+
+def test_training_runs_can_record_system_metrics(local_store, monkeypatch):
+    import time
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
+    with tracking.start_run("cxr-test", "cnn", {}, system_metrics=True) as run:
+        time.sleep(2.5)
+    with tracking.start_run("cxr-test", "other", {}) as other:
+        time.sleep(1.5)
+    metrics = mlflow.get_run(run.info.run_id).data.metrics
+    assert "system/cpu_utilization_percentage" in metrics
+    assert not mlflow.get_run(other.info.run_id).data.metrics  # only when asked

@@ -104,21 +104,30 @@ def run_tags(stage: str, data_fingerprint: str) -> dict[str, str]:
 
 @contextlib.contextmanager
 def start_run(
-    experiment: str, run_name: str, tags: dict[str, str], run_id: str | None = None
+    experiment: str,
+    run_name: str,
+    tags: dict[str, str],
+    run_id: str | None = None,
+    system_metrics: bool = False,
 ) -> Iterator[Any]:
     """Start this stage's own run in the group (or resume `run_id`, a killed training's run);
-    an `mlflow run` parent becomes its parent."""
+    an `mlflow run` parent becomes its parent. `system_metrics`: MLflow samples CPU, memory,
+    disk, network and (with nvidia-ml-py, the gpu extra) GPU use into the run."""
     import mlflow
 
     experiment_id = setup_experiment(experiment)
     parent = os.environ.pop("MLFLOW_RUN_ID", None)
     try:
         if run_id is not None:
-            with mlflow.start_run(run_id=run_id) as run:
+            with mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics) as run:
                 yield run
             return
         with mlflow.start_run(
-            experiment_id=experiment_id, run_name=run_name, tags=tags, parent_run_id=parent
+            experiment_id=experiment_id,
+            run_name=run_name,
+            tags=tags,
+            parent_run_id=parent,
+            log_system_metrics=system_metrics,
         ) as run:
             yield run
     finally:

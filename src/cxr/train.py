@@ -108,7 +108,8 @@ def train(
     tags = tracking.run_tags(stage=f"train@{name}", data_fingerprint=summary["fingerprint"])
     stopper = early_stopping(cfg, resume)
     saver = checkpoint.saver(resume.history if resume else {}, cfg["checkpoint_seconds"], stopper)
-    with tracking.start_run(params["mlflow"]["experiment"], name, tags, run_id=resumed) as run:
+    experiment = params["mlflow"]["experiment"]
+    with tracking.start_run(experiment, name, tags, resumed, system_metrics=True) as run:
         checkpoint.start(run.info.run_id)
         if resume:
             print(f"train@{name}: resuming MLflow run {resumed} after epoch {resume.epochs_done}")
@@ -117,7 +118,8 @@ def train(
         )
         mlflow.log_input(
             mlflow.data.from_numpy(
-                y_train,
+                x_train,
+                targets=y_train,
                 source=str(prepared),
                 name="prepared-train",
                 digest=summary["fingerprint"][:16],
