@@ -10,7 +10,7 @@ settings), through `dvc exp run --temp --force` against a throw-away MLflow stor
 --workdir; params.yaml, dvc.lock and the workspace stay as they are. Then, on the same test
 images, it scores pixel baselines fitted on the same training split (`cxr.baselines`:
 logistic regression on 64x64 pixels, C=0.1, the bar; PCA + RBF SVM) and prints one table:
-accuracy and macro-F1 of every model and baseline with 95 % bootstrap intervals (the
+accuracy and macro-F1 of every model and baseline with 95 % intervals (Wilson; bootstrap, the
 evaluate stage's method and seed on both sides), an exact McNemar test of each model against
 the logistic regression, and each model's training time (the train stage's fit phase) and
 stage wall time. The experiment's outputs (Grad-CAM overlays included) are copied to
@@ -41,7 +41,7 @@ from cxr.baselines import BASELINES, fit_predict  # noqa: E402
 from cxr.cache import load_prepared, split_arrays  # noqa: E402
 from cxr.cli import check_data_folder  # noqa: E402
 from cxr.download import download  # noqa: E402
-from cxr.metrics import bootstrap_ci, macro_f1, mcnemar  # noqa: E402
+from cxr.metrics import intervals, macro_f1, mcnemar  # noqa: E402
 from cxr.params import load_params, with_overrides  # noqa: E402
 from cxr.prepare import prepare  # noqa: E402
 
@@ -181,7 +181,7 @@ def main() -> None:
         )
     for row in rows:
         pred = predictions[row["name"]]
-        ci = bootstrap_ci(y_test, pred, len(classes), ev["bootstrap"], ev["ci_level"], ev["seed"])
+        ci = intervals(y_test, pred, len(classes), ev["bootstrap"], ev["ci_level"], ev["seed"])
         accuracy = float((pred == y_test).mean())
         macro = macro_f1(y_test, pred, len(classes))
         row["accuracy"] = (accuracy, *ci["accuracy"])

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
 
-from cxr.metrics import bootstrap_ci, calibration, confusion, mcnemar, scores
+from cxr.metrics import calibration, confusion, intervals, mcnemar, scores, wilson
 
 CLASSES = ["covid", "lung_opacity", "normal", "pneumonia"]
 
@@ -39,12 +39,12 @@ def test_a_class_missing_from_the_test_labels_is_handled():
     assert s["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y[keep], pred))
 
 
-def test_bootstrap_interval_contains_the_estimate_and_shrinks_with_n():
+def test_intervals_contain_the_estimate_and_shrink_with_n():
     widths = []
     for n in (100, 1600):
         y, probs = fixed_predictions(n)
         pred = probs.argmax(axis=1)
-        ci = bootstrap_ci(y, pred, 4, resamples=500, seed=0)
+        ci = intervals(y, pred, 4, resamples=500, seed=0)
         s = scores(y, probs, CLASSES)
         for key in ("accuracy", "macro_f1"):
             low, high = ci[key]
@@ -53,16 +53,30 @@ def test_bootstrap_interval_contains_the_estimate_and_shrinks_with_n():
     assert widths[1] < widths[0] / 2.5  # ~ 1/sqrt(n): 4x narrower for 16x the images
     y, probs = fixed_predictions(100)
     pred = probs.argmax(axis=1)
-    assert bootstrap_ci(y, pred, 4, seed=3) == bootstrap_ci(y, pred, 4, seed=3)
+    assert intervals(y, pred, 4, seed=3) == intervals(y, pred, 4, seed=3)
 
 
 def test_bootstrap_macro_f1_agrees_with_scikit_learn_per_resample():
     y, probs = fixed_predictions(80)
     pred = probs.argmax(axis=1)
-    ci = bootstrap_ci(y, pred, 4, resamples=1, level=0.0, seed=5)
+    ci = intervals(y, pred, 4, resamples=1, level=0.0, seed=5)
     draw = np.random.default_rng(5).integers(0, 80, size=(1, 80))[0]
     expected = f1_score(y[draw], pred[draw], average="macro", labels=range(4), zero_division=0)
     assert ci["macro_f1"][0] == pytest.approx(expected)
+
+
+def test_accuracy_intervals_are_wilsons_and_do_not_collapse_at_the_boundary():
+    # Wilson's interval by its formula, for 120/120 and 96/120 at 95 %
+    z = 1.959963984540054
+    for k, n in ((120, 120), (96, 120)):
+        p = k / n
+        centre = (p + z**2 / (2 * n)) / (1 + z**2 / n)
+        half = z / (1 + z**2 / n) * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2))
+        assert wilson(k, n) == pytest.approx((centre - half, centre + half))
+    low, high = wilson(120, 120)
+    assert 0.96 < low < 0.97 and high == pytest.approx(1.0)  # not [1.000, 1.000]
+    y = np.arange(120) % 4
+    assert intervals(y, y, 4)["accuracy"] == wilson(120, 120)
 
 
 def test_calibration_of_a_perfectly_calibrated_and_an_overconfident_model():

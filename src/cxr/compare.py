@@ -14,7 +14,7 @@ from cxr import tracking
 from cxr.errors import CxrError
 from cxr.evaluate import read_predictions
 from cxr.io import atomic_path, pyplot, read_json, save_figure, write_json
-from cxr.metrics import HEADLINE, INTERVALS, mcnemar
+from cxr.metrics import HEADLINE, INTERVALS, INTERVALS_NOTE, mcnemar
 
 TIMINGS = ("train_seconds", "epoch_seconds", "train_images_per_second")
 
@@ -66,7 +66,8 @@ def markdown(ranked: list[dict], metric: str, paired: dict | None, level: float)
         "# Model comparison (test split)",
         "",
         f"Champion by `{metric}`: **{champion['model']}** ({champion[metric]:.3f}). "
-        f"Brackets: {level:.0%} bootstrap intervals over {champion['n_test']} test images.",
+        f"Brackets: {level:.0%} intervals over {champion['n_test']} test images "
+        f"({INTERVALS_NOTE}).",
         "",
         "| rank | model | " + " | ".join(HEADLINE.values()) + " | ECE | params "
         "| train s | images/s |",
@@ -116,7 +117,7 @@ def plot(ranked: list[dict], n_classes: int, path: Path) -> None:
     ax.axhline(1 / n_classes, color="grey", ls=":", lw=1, label=f"chance ({n_classes} classes)")
     ax.set_xticks(x, names)
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel("test score (95% bootstrap interval)")
+    ax.set_ylabel("test score (95% interval)")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)

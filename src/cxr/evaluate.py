@@ -17,7 +17,7 @@ from cxr import tracking
 from cxr.cache import split_arrays
 from cxr.errors import CxrError
 from cxr.io import atomic_path, pyplot, read_json, save_figure, write_json
-from cxr.metrics import HEADLINE, bootstrap_ci, calibration, per_source, scores
+from cxr.metrics import HEADLINE, calibration, intervals, per_source, scores
 from cxr.timing import Phases
 
 
@@ -164,10 +164,10 @@ def read_predictions(path: Path, classes: list[str]) -> tuple[np.ndarray, np.nda
 
 
 def test_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str], cfg: dict) -> dict:
-    """The metrics JSON of one model: headline figures with bootstrap intervals, calibration,
+    """The metrics JSON of one model: headline figures with intervals (`intervals`), calibration,
     per-class figures and the confusion counts."""
     result = scores(y, probs, classes)
-    ci = bootstrap_ci(
+    ci = intervals(
         y, probs.argmax(axis=1), len(classes), cfg["bootstrap"], cfg["ci_level"], cfg["seed"]
     )
     cal = calibration(probs, y, cfg["calibration_bins"])

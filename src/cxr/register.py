@@ -17,7 +17,7 @@ import numpy as np
 from cxr import tracking
 from cxr.cache import split_arrays
 from cxr.io import atomic_path, read_json, write_json
-from cxr.metrics import HEADLINE, INTERVALS, scores
+from cxr.metrics import HEADLINE, INTERVALS, INTERVALS_NOTE, scores
 from cxr.repo import git_commit
 from cxr.requirements import MODEL_REQUIREMENTS, pinned_requirements
 
@@ -143,7 +143,7 @@ def model_card(
         lines.append(f"| {split} | " + " | ".join(str(per[c]) for c in dataset["classes"]) + " |")
     lines += [
         "",
-        f"## Test metrics ({test['n_test']} images, brackets: bootstrap intervals)",
+        f"## Test metrics ({test['n_test']} images; brackets: {INTERVALS_NOTE})",
         "",
         "| metric | value |",
         "|---|---|",
