@@ -44,6 +44,11 @@ class FakeKaggleApi:
     def __init__(self, zip_path: Path | None, failures: list[BaseException] = ()):
         self.zip_path, self.failures, self.calls = zip_path, list(failures), []
         self.resumable = []  # per call: force=False and the partial bytes found
+        self.version = 7  # what Kaggle calls the current version
+
+    def dataset_status(self, dataset, format=None):
+        assert format == "json(current_version_number)"
+        return json.dumps({"current_version_number": self.version})
 
     def dataset_download_files(self, dataset, path=None, force=False, quiet=True, unzip=False):
         self.calls.append(dataset)
@@ -367,3 +372,26 @@ def test_a_retry_resumes_the_partial_download(tmp_path, creds, sample_zip, monke
     assert api.resumable[0] == (True, 0)
     assert api.resumable[1][0] and api.resumable[1][1] > 0  # the partial bytes were kept
     assert not list((tmp_path / "cache").glob(".*.part"))  # and cleaned up after
+
+
+@needs_sample
+def test_the_latest_version_is_resolved_recorded_and_keys_the_cache(tmp_path, creds, sample_zip):
+    api = FakeKaggleApi(sample_zip)
+    info = run_kaggle(tmp_path, api, kaggle_version=None)
+    assert info["kaggle_version"] == 7 and info["kaggle_version_param"] is None
+    assert api.calls == ["tawsifurrahman/covid19-radiography-database/7"]
+    assert [p.name for p in (tmp_path / "cache").glob("*.zip")] == [
+        "tawsifurrahman__covid19-radiography-database__v7.zip"
+    ]
+    shutil.rmtree(tmp_path / "raw")
+    api.version = 8  # Kaggle published a new version: it is downloaded, not the cached 7
+    assert run_kaggle(tmp_path, api, kaggle_version=None)["kaggle_version"] == 8
+    assert api.calls[-1].endswith("/8")
+
+
+def test_kaggle_version_command_needs_credentials_and_says_so(no_creds, monkeypatch, capsys):
+    from cxr.cli import main
+
+    monkeypatch.chdir(ROOT)
+    assert main(["kaggle-version"]) == 2
+    assert "No Kaggle credentials found" in capsys.readouterr().err

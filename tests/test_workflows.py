@@ -66,6 +66,46 @@ def test_dispatch_inputs_reach_the_shell_through_the_environment_only():
                 assert "${{ inputs." not in step.get("run", ""), (workflow.name, step)
 
 
+def test_workflows_pin_actions_to_commits_and_grant_least_privilege():
+    for workflow in WORKFLOWS:
+        spec = yaml.safe_load(workflow.read_text())
+        assert spec.get("permissions") in ({}, {"contents": "read"}), workflow.name
+        for job in spec["jobs"].values():
+            assert set(job.get("permissions", {}).values()) <= {"read", "write"}
+            for step in job["steps"]:
+                if "uses" in step:
+                    action, _, ref = step["uses"].partition("@")
+                    assert len(ref) == 40 and int(ref, 16) >= 0, (workflow.name, step["uses"])
+
+
+def test_retraining_gives_each_secret_only_to_the_steps_that_need_it():
+    text = (ROOT / ".github" / "workflows" / "retrain.yml").read_text()
+    job = yaml.safe_load(text)["jobs"]["retrain"]
+    assert job["permissions"] == {"contents": "write"}  # for `dvc exp push` only
+    assert not any("secrets." in str(v) for v in job.get("env", {}).values())
+    needs = {
+        "KAGGLE_API_TOKEN": {"Dataset version", "Train, evaluate, compare, register"},
+        "MLFLOW_TRACKING_URI": {"Train, evaluate, compare, register"},
+        "DVC_REMOTE_URL": {"DVC remote and cache"},
+    }
+    for step in job["steps"]:
+        given = {k for k, v in step.get("env", {}).items() if "secrets." in str(v)}
+        for secret, steps in needs.items():
+            assert (secret in given) == (step.get("name") in steps), (secret, step.get("name"))
+        assert "secrets." not in str(step.get("with", "")) and "secrets." not in step.get("run", "")
+    install = next(s for s in job["steps"] if s.get("name", "").startswith("Install"))
+    assert "env" not in install
+
+
+def test_retraining_results_outlive_the_runner():
+    job = yaml.safe_load((ROOT / ".github" / "workflows" / "retrain.yml").read_text())
+    runs = "\n".join(s.get("run", "") for s in job["jobs"]["retrain"]["steps"])
+    assert 'dvc exp run "${args[@]}"' in runs and '--name "$EXP_NAME"' in runs
+    assert 'dvc exp push origin "$EXP_NAME"' in runs and "dvc push --run-cache" in runs
+    # a null data.kaggle_version is resolved to the current one and trained as a param
+    assert "cxr kaggle-version" in runs and "data.kaggle_version=$KAGGLE_VERSION" in runs
+
+
 PROJECT = yaml.safe_load((ROOT / "MLproject").read_text())
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 MODELS = load_params(ROOT / "params.yaml")["train"]["models"]

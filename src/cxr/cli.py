@@ -92,6 +92,14 @@ def predict(args: argparse.Namespace) -> int:
     return 1 if any("error" in r for r in results) else 0
 
 
+def kaggle_version(args: argparse.Namespace) -> int:
+    """Print the current version number of params.yaml's data.kaggle_dataset."""
+    from cxr.download import latest_version
+
+    print(latest_version(load_params()["data"]["kaggle_dataset"]))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cxr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         "params.yaml's register.model_name, models:/<model_name>@champion)",
     )
     p.set_defaults(func=predict)
+    p = sub.add_parser(
+        "kaggle-version", help="print the current version number of data.kaggle_dataset"
+    )
+    p.set_defaults(func=kaggle_version)
     args, extra = parser.parse_known_args(argv)
     if args.command == "profile":
         args.dvc_args = extra[1:] if extra[:1] == ["--"] else extra

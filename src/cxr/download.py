@@ -200,6 +200,17 @@ def _download_attempts(
     raise AssertionError("unreachable")
 
 
+def latest_version(dataset: str, api_factory: Callable[[], Any] = _kaggle_api) -> int:
+    """The current version number of Kaggle dataset `dataset` (owner/name)."""
+    import json
+
+    if kaggle_credentials() is None:
+        raise DownloadError(NO_CREDENTIALS)
+    api = api_factory()
+    answer = api.dataset_status(dataset.strip("/"), format="json(current_version_number)")
+    return int(json.loads(answer)["current_version_number"])
+
+
 def kaggle_unpack(
     dataset: str,
     version: int | None,
@@ -380,12 +391,16 @@ def download(
         elif source == "archive":
             info.update(unpack_into(Path(data["archive"]), tmp, DATASET_DIR, "data.archive"))
         else:
+            # `kaggle_version: null` is resolved to the current version number: it is
+            # recorded, and the cached zip is keyed by it (a new version is downloaded)
+            version = data["kaggle_version"] or latest_version(data["kaggle_dataset"], api_factory)
             info["kaggle_dataset"] = data["kaggle_dataset"]
-            info["kaggle_version"] = data["kaggle_version"] or "latest"
+            info["kaggle_version"] = version
+            info["kaggle_version_param"] = data["kaggle_version"]
             info.update(
                 kaggle_unpack(
                     data["kaggle_dataset"],
-                    data["kaggle_version"],
+                    version,
                     cache_dir,
                     api_factory,
                     tmp,
