@@ -109,3 +109,34 @@ def test_unknown_model_and_pooling_are_named():
         build_model("vgg99", (32, 32, 1), 4)
     with pytest.raises(ValueError, match="pooling"):
         build_model("cnn", (32, 32, 1), 4, pooling="median")
+
+
+def test_model_settings_are_checked_against_the_builders_signature(tmp_path):
+    from cxr.models import check_settings
+    from cxr.params import ParamsError, load_params
+    from tests.conftest import ROOT
+
+    params = load_params(ROOT / "params.yaml")
+    for name in params["train"]["models"]:
+        check_settings(name, params["models"][name])  # the shipped settings pass
+    with pytest.raises(ParamsError, match=r"models.cnn.dropuot is not a setting of cnn \(did you"):
+        check_settings("cnn", {"dropuot": 0.5})
+    with pytest.raises(ParamsError, match="models.vgg16.weights is 'imagenet21k'; expected"):
+        check_settings("vgg16", {"weights": "imagenet21k"})
+    weights = tmp_path / "base.weights.h5"
+    weights.write_bytes(b"")
+    check_settings("vgg16", {"weights": str(weights), "epochs": 3})  # a file, a training key
+
+
+def test_a_profile_with_a_typo_in_a_model_setting_fails_before_dvc_starts(tmp_path):
+    import yaml
+
+    from cxr.cli import profile_command
+    from cxr.params import ParamsError, load_params
+    from tests.conftest import ROOT
+
+    params = load_params(ROOT / "params.yaml")
+    params["demo"]["models.cnn.dropuot"] = 0.5
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ParamsError, match="did you mean 'dropout'"):
+        profile_command("demo", params_path=tmp_path / "params.yaml")

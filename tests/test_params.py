@@ -1,3 +1,4 @@
+import re
 import shutil
 
 import pytest
@@ -115,3 +116,33 @@ def test_predict_defaults_to_the_champion_of_the_registered_model_name(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'empty.db'}")
     assert main(["predict", str(tmp_path / "x.png")]) == 2
     assert "cannot load model 'models:/renamed@champion'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("prepare.image_size", -5, "prepare.image_size is -5; expected a whole number >= 16"),
+        ("prepare.image_size", 0, "prepare.image_size is 0; expected a whole number >= 16"),
+        ("prepare.balance_target", 0, "balance_target is 0; expected a whole number of images"),
+        ("prepare.balance_target", "lung", "balance_target is 'lung'; expected one of data."),
+        ("compare.metric", "f1", "compare.metric is 'f1'; expected one of ['accuracy'"),
+        ("train.learning_rate", 0.0, "train.learning_rate is 0.0; expected a number in (0, 1]"),
+        ("evaluate.ci_level", 1.5, "evaluate.ci_level is 1.5; expected a number in (0, 1]"),
+        ("train.augment.zoom", 2.0, "train.augment.zoom is 2.0; expected a number in [0, 0.9]"),
+    ],
+)
+def test_out_of_range_params_fail_before_any_work_naming_key_value_and_range(
+    tmp_path, key, value, message
+):
+    params = with_overrides(load_params(ROOT / "params.yaml"), {key: value})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ParamsError, match=re.escape(message)):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_a_profile_with_a_bad_override_fails_before_dvc_starts(tmp_path):
+    params = load_params(ROOT / "params.yaml")
+    params["demo"]["prepare.image_size"] = 4
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ParamsError, match="prepare.image_size is 4"):
+        profile_command("demo", params_path=tmp_path / "params.yaml")

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from cxr.errors import CxrError
-from cxr.params import PROFILES, flatten, load_params
+from cxr.params import PROFILES, check_params, flatten, load_params, with_overrides
 
 
 def exp_run_command(overrides: dict, params_path: Path = Path("params.yaml")) -> list[str]:
@@ -39,10 +39,17 @@ def profile_command(
     name: str = "demo", archive: Path | None = None, params_path: Path = Path("params.yaml")
 ) -> list[str]:
     """The `dvc exp run` of a params.yaml profile's overrides (`demo:`, `real_cpu:`), reading
-    the images from `archive` (a zip or folder in the Kaggle layout) when given."""
-    overrides = dict(load_params(params_path)[name])
+    the images from `archive` (a zip or folder in the Kaggle layout) when given. The params
+    with the overrides applied are validated first: a bad one fails before any work."""
+    params = load_params(params_path)
+    overrides = dict(params[name])
     if archive is not None:
         overrides.update({"data.source": "archive", "data.archive": str(archive.resolve())})
+    effective = check_params(with_overrides(params, overrides))
+    from cxr.models import check_settings  # imports Keras: only here, not in every stage
+
+    for model in effective["train"]["models"]:
+        check_settings(model, effective["models"][model])
     return exp_run_command(overrides, params_path)
 
 

@@ -11,14 +11,17 @@ from typing import Any
 
 import numpy as np
 
+from cxr.params import METRICS
+
 # The headline test metrics (test.json's keys, compare's columns and compare.metric's
 # choices), with how reports name them; INTERVALS of them get intervals (`intervals`).
-HEADLINE: dict[str, str] = {
-    "accuracy": "accuracy",
-    "balanced_accuracy": "balanced accuracy",
-    "macro_f1": "macro-F1",
-    "roc_auc_macro": "ROC-AUC (one-vs-rest, macro)",
-}
+HEADLINE: dict[str, str] = dict(
+    zip(
+        METRICS,
+        ("accuracy", "balanced accuracy", "macro-F1", "ROC-AUC (one-vs-rest, macro)"),
+        strict=True,
+    )
+)
 INTERVALS = ("accuracy", "macro_f1")
 
 

@@ -17,6 +17,7 @@ initial values for the few hundred steps of a small run).
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import keras
 from keras import layers
@@ -203,6 +204,34 @@ MODELS: dict[str, Callable[..., keras.Model]] = {
     "cnn6_bn": build_cnn6_bn,
 }
 TRAINING_KEYS = ("learning_rate", "epochs", "batch_size")
+
+
+def check_settings(name: str, settings: dict) -> None:
+    """Fail, naming the key and the fix, when params.yaml's models.<name> has a key its
+    builder does not take (a typo would be a TypeError deep in the train stage) or a
+    `weights` that is neither imagenet, none nor a file."""
+    import difflib
+    import inspect
+
+    from cxr.params import ParamsError
+
+    if name not in MODELS:
+        raise ParamsError(f"params.yaml: unknown model {name!r}; known models: {sorted(MODELS)}.")
+    allowed = set(inspect.signature(MODELS[name]).parameters) - {"input_shape", "n_classes"}
+    allowed |= set(TRAINING_KEYS)
+    for key in sorted(set(settings) - allowed):
+        close = difflib.get_close_matches(key, sorted(allowed), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ParamsError(
+            f"params.yaml: models.{name}.{key} is not a setting of {name}{hint}; "
+            f"its settings are {sorted(allowed)}."
+        )
+    weights = settings.get("weights", "none")
+    if weights not in ("imagenet", "none", None) and not Path(str(weights)).is_file():
+        raise ParamsError(
+            f"params.yaml: models.{name}.weights is {weights!r}; expected imagenet, none "
+            "(from scratch) or the path of a weights file for the base (not found)."
+        )
 
 
 def build_model(

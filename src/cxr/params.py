@@ -17,6 +17,47 @@ from cxr.errors import CxrError
 
 SOURCES = ("kaggle", "archive", "synthetic")
 BALANCE = ("undersample", "top-up", "none")
+# The headline test metrics (compare.metric's choices; cxr.metrics names them for reports).
+METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc_macro")
+
+
+def _whole(low: int, high: int | None = None):
+    def ok(v):
+        return isinstance(v, int) and not isinstance(v, bool) and low <= v <= (high or v)
+
+    return ok, f"a whole number >= {low}" + (f" and <= {high}" if high else "")
+
+
+def _number(low: float, high: float, open_low: bool = False):
+    def ok(v):
+        return (low < v if open_low else low <= v) and v <= high
+
+    return ok, f"a number in {'(' if open_low else '['}{low}, {high}]"
+
+
+# Ranges of numeric keys: a value outside fails before any work, naming key, value and range.
+RANGES: dict[str, tuple[Any, str]] = {
+    "data.synthetic.per_class": _whole(1),
+    "data.synthetic.image_size": _whole(16),
+    "prepare.image_size": _whole(16),
+    "prepare.min_size": _whole(1),
+    "prepare.near_duplicate_bits": _whole(0, 64),
+    "prepare.near_duplicate_mad": _number(0, 255),
+    "train.batch_size": _whole(1),
+    "train.epochs": _whole(1),
+    "train.early_stopping_patience": _whole(1),
+    "train.learning_rate": _number(0, 1, open_low=True),
+    "train.augment.rotation": _number(0, 0.5),
+    "train.augment.shift": _number(0, 0.5),
+    "train.augment.zoom": _number(0, 0.9),
+    "train.augment.brightness": _number(0, 1),
+    "train.augment.contrast": _number(0, 1),
+    "evaluate.batch_size": _whole(1),
+    "evaluate.bootstrap": _whole(1),
+    "evaluate.ci_level": _number(0, 1, open_low=True),
+    "evaluate.calibration_bins": _whole(1),
+    "evaluate.gradcam_per_class": _whole(0),
+}
 
 # Required keys of each section, with the type they must have (nested dicts are checked too).
 SCHEMA: dict[str, Any] = {
@@ -121,7 +162,11 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path} not found; run from the repository root.")
-    params = yaml.safe_load(path.read_text()) or {}
+    return check_params(yaml.safe_load(path.read_text()) or {})
+
+
+def check_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Validate params (types, choices, ranges, cross-references); return them."""
     _check(params, SCHEMA, "")
     data = params["data"]
     if data["source"] not in SOURCES:
@@ -175,6 +220,26 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
             raise ParamsError(
                 f"params.yaml: train.{key} is {train[key]!r}; expected auto or a whole number >= 1."
             )
+    flat = flatten({k: v for k, v in params.items() if k not in PROFILES})
+    for key, (ok, expected) in RANGES.items():
+        if not ok(flat[key]):
+            raise ParamsError(f"params.yaml: {key} is {flat[key]!r}; expected {expected}.")
+    target = prep["balance_target"]
+    if isinstance(target, str) and target not in data["classes"]:
+        raise ParamsError(
+            f"params.yaml: prepare.balance_target is {target!r}; expected one of data.classes "
+            f"{data['classes']} (undersample to its count) or a whole number of images >= 1."
+        )
+    if isinstance(target, int) and target < 1:
+        raise ParamsError(
+            f"params.yaml: prepare.balance_target is {target}; expected a whole number of "
+            "images >= 1 or a class name."
+        )
+    if params["compare"]["metric"] not in METRICS:
+        raise ParamsError(
+            f"params.yaml: compare.metric is {params['compare']['metric']!r}; expected one of "
+            f"{list(METRICS)}."
+        )
     for model in params["train"]["models"]:
         if model not in params["models"]:
             raise ParamsError(

@@ -15,6 +15,7 @@ from cxr.cache import split_arrays
 from cxr.checkpoint import Checkpoint
 from cxr.fit import Fitted, accelerator_settings, early_stopping, fit, settings_for
 from cxr.io import atomic_path, pyplot, save_figure, write_json
+from cxr.models import check_settings
 from cxr.params import flatten
 from cxr.repo import repo_root
 from cxr.requirements import pinned_requirements
@@ -88,6 +89,7 @@ def train(
     phases = Phases(f"train@{name}")
     cfg, builder_cfg = settings_for(name, params)
     accel = accelerator_settings(cfg)  # first: thread pools are set before TensorFlow starts
+    check_settings(name, params["models"][name])  # before any data is read
     x_train, y_train, summary = split_arrays(prepared, "train")
     x_val, y_val, _ = split_arrays(prepared, "val")
     classes = summary["classes"]
