@@ -395,3 +395,13 @@ def test_kaggle_version_command_needs_credentials_and_says_so(no_creds, monkeypa
     monkeypatch.chdir(ROOT)
     assert main(["kaggle-version"]) == 2
     assert "No Kaggle credentials found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("target", ["/etc/hostname", "../.."])
+def test_a_folder_source_refuses_symbolic_links(tmp_path, target):
+    root = tmp_path / "mine" / DATASET_DIR / "COVID" / "images"
+    root.mkdir(parents=True)
+    (root / "COVID-1.png").symlink_to(target)
+    with pytest.raises(DownloadError, match="holds a symbolic link.*COVID-1.png -> "):
+        run_archive(tmp_path, tmp_path / "mine")
+    assert not (tmp_path / "raw").exists()

@@ -290,6 +290,21 @@ def extract_zip(archive: Path, dest: Path) -> None:
         raise CorruptArchive(f"{archive} cannot be unpacked: {err}.") from err
 
 
+def _refuse_links(root: Path, what: str) -> None:
+    """Symbolic links in a dataset folder are refused, as in zips: copying would follow one to
+    any file on the machine (into raw/, the DVC cache and remote), and one to `../..`
+    recurses."""
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        for entry in (*dirs, *files):
+            path = Path(folder) / entry
+            if path.is_symlink():
+                raise DownloadError(
+                    f"{what} holds a symbolic link, {path} -> {os.readlink(path)}; links are "
+                    "not followed (they can point outside the dataset): put the file itself "
+                    "there, or remove the link."
+                )
+
+
 def _find_dir(root: Path, name: str) -> Path | None:
     """`root/name`, or the shallowest folder called `name` below root (zips often add one)."""
     if (root / name).is_dir():
@@ -358,7 +373,8 @@ def unpack_into(source: Path, out: Path, name: str, what: str) -> dict[str, Any]
     if source.is_file():
         os.replace(root, out / name)
         shutil.rmtree(out / f".{name}.unpack", ignore_errors=True)
-    else:  # a user's folder: copy, never move
+    else:  # a user's folder: copy, never move, and never follow a link out of it
+        _refuse_links(root, f"{what} {source}")
         shutil.copytree(root, out / name, symlinks=False)
     info["files"] = count_images(out / name)
     return info

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable
 
@@ -11,6 +12,17 @@ class CxrError(Exception):
 
 
 def run_stage(main: Callable[[], object]) -> None:
+    """Run a stage's main: a CxrError is one line on stderr (exit status 2); SIGTERM cleans
+    up as Ctrl-C does (every `finally` runs: temporaries removed), exit status 143."""
+
+    def terminated(signum, frame):
+        import multiprocessing
+
+        for child in multiprocessing.active_children():  # pool workers: they would be
+            child.kill()  # waited for, to the end of their work, before any clean-up
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminated)
     try:
         main()
     except CxrError as err:

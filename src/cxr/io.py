@@ -1,8 +1,10 @@
-"""Atomic outputs: a killed stage never leaves a half-written file that DVC would cache."""
+"""Atomic outputs: a killed stage never leaves a half-written file that DVC would cache, and
+the next run removes the scratch a killed one could not."""
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -20,7 +22,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent))
+    remove_stale_scratch(path)
+    prefix = f".{path.stem}.pid{os.getpid()}."
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=path.parent))
     target = tmp / path.name
     try:
         yield target
@@ -29,6 +33,39 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(target, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_scratch(path: Path) -> None:
+    """Remove the temporaries of `path` left by a process that no longer runs (SIGKILL, a
+    crash, a pre-empted machine); a running writer's stay."""
+    for old in path.parent.glob(f".{glob.escape(path.stem)}.pid*.tmp"):
+        pid = old.name[len(path.stem) + 5 :].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def worker_dies_with_parent() -> None:
+    """For a process-pool initializer: the worker gets SIGKILL when its parent dies, however
+    it dies (Linux; elsewhere nothing), instead of waiting on a pipe for good."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before prctl: go now
+            os._exit(1)
 
 
 def pyplot():

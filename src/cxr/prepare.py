@@ -42,7 +42,7 @@ from cxr.images import (
     perceptual_hash,
     resize,
 )
-from cxr.io import atomic_path, progress
+from cxr.io import atomic_path, progress, worker_dies_with_parent
 
 THUMB = 32  # thumbnail side for near-duplicate checks
 
@@ -193,6 +193,7 @@ _scratch: tuple[RowFile, int] | None = None
 
 
 def _open_scratch(path: str) -> None:
+    worker_dies_with_parent()
     global _scratch
     rows = RowFile(Path(path))
     _scratch = (rows, rows.open(write=True))

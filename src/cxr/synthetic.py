@@ -26,7 +26,7 @@ from PIL import Image
 from scipy import ndimage
 
 from cxr.classes import DATASET_DIR, LABEL_TO_FOLDER, LABELS
-from cxr.io import progress
+from cxr.io import progress, worker_dies_with_parent
 
 TARGET_MEAN, TARGET_STD = 0.45, 0.2
 
@@ -154,7 +154,7 @@ def write_dataset(
         images = root / DATASET_DIR / folder / "images"
         images.mkdir(parents=True, exist_ok=True)
         jobs += [(images / f"{folder}-{i + 1}.png", label, i, size, seed) for i in range(per_class)]
-    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+    with ProcessPoolExecutor(os.cpu_count(), initializer=worker_dies_with_parent) as pool:
         for _ in progress(
             pool.map(_write_one, jobs, chunksize=16), total=len(jobs), desc="phantoms", unit="img"
         ):
@@ -211,7 +211,7 @@ def write_topup(root: Path, per_class: int, size: int = 299, seed: int = 0) -> N
             )
             for i in range(max(1, n // 4))
         ]
-    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+    with ProcessPoolExecutor(os.cpu_count(), initializer=worker_dies_with_parent) as pool:
         for _ in progress(
             pool.map(_write_jpeg, jobs, chunksize=16),
             total=len(jobs),
