@@ -65,6 +65,7 @@ def log_keras_model(model, example: np.ndarray) -> str:
         return original(mlflow_model, input_example, path, *args, **kwargs)
 
     keras_save._save_example = save_example
+    keras.config.disable_interactive_logging()  # MLflow's own predict calls: no progress bars
     try:
         info = mlflow.keras.log_model(
             model,
@@ -75,6 +76,7 @@ def log_keras_model(model, example: np.ndarray) -> str:
         )
     finally:
         keras_save._save_example = original
+        keras.config.enable_interactive_logging()
     return info.model_id
 
 
