@@ -37,3 +37,13 @@ def test_process_age_counts_from_the_process_start():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert 1.5 <= float(out.stdout) < 30, out.stderr
     assert process_seconds() > 0
+
+
+def test_a_part_that_came_first_is_listed_before_its_phase():
+    phases = Phases("train@cnn")
+    phases.done("data")
+    time.sleep(0.02)
+    phases.done("fit")
+    phases.move("fit", "build", 0.01, before=True)
+    assert list(phases.seconds) == ["start-up", "data", "build", "fit"]
+    assert phases.seconds["build"] == 0.01 and phases.seconds["fit"] >= 0.01

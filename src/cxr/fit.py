@@ -235,10 +235,10 @@ def fit(
 ) -> Fitted:
     """Train architecture `name` with settings `cfg` (`settings_for`) on the uint8 arrays
     `train` and `val` (images, labels). Sets the runtime (`set_runtime`: seed, determinism,
-    precision as accel says), balances the
-    training split as cfg's `imbalance` says, builds the model (or continues `resume`) and
-    fits up to cfg's `epochs` with early stopping on the validation loss, best weights
-    restored. `callbacks` run after the loop's own (early stopping, epoch timer).
+    precision as accel says), balances the training split as cfg's `imbalance` says, builds
+    the model (or continues `resume`) and fits up to cfg's `epochs` with early stopping on
+    the validation loss, best weights restored. `callbacks` run after the loop's own (early
+    stopping, epoch timer, epoch line).
     `steps_per_epoch`: fixed-length epochs over the repeated training data (benchmarks).
     `progress`: one line per epoch on stdout. `stopper`: the `early_stopping(cfg, resume)`
     to use, when a callback (a checkpoint) must see its state."""

@@ -44,9 +44,14 @@ class Phases:
         self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
         self._last = now
 
-    def move(self, source: str, phase: str, seconds: float) -> None:
-        """Count `seconds` of phase `source` as `phase` (a part measured inside it)."""
+    def move(self, source: str, phase: str, seconds: float, before: bool = False) -> None:
+        """Count `seconds` of phase `source` as `phase` (a part measured inside it), listed
+        after `source`, or just before it (`before`: the part came first)."""
         self.seconds[source] -= seconds
+        if before and phase not in self.seconds:
+            order = list(self.seconds)
+            order.insert(order.index(source), phase)
+            self.seconds = {k: self.seconds.get(k, 0.0) for k in order}
         self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
 
     def line(self) -> str:

@@ -148,7 +148,7 @@ def train(
             stopper=stopper,
         )
         phases.done("fit")
-        phases.move("fit", "build", result.build_seconds)
+        phases.move("fit", "build", result.build_seconds, before=True)
         phases.move("fit", "checkpoints", saver.seconds)
         metrics, timing = summarise(result)
         mlflow.log_metrics(
