@@ -10,9 +10,11 @@ quiet()  # first: drops TensorFlow's known start-up notices (CXR_VERBOSE=1: all)
 from cxr.compare import compare  # noqa: E402
 from cxr.errors import run_stage  # noqa: E402
 from cxr.params import stage_params  # noqa: E402
+from cxr.tracking import check_server  # noqa: E402
 
 
 def main() -> None:
+    check_server()  # a tracking server that is down: one line now, not minutes later
     summary = compare(stage_params("compare"), Path("evaluation"), Path("reports/compare"))
     print(Path("reports/compare/table.md").read_text())
     print(f"compare: champion {summary['champion']} ({summary['metric']} {summary['value']:.3f})")

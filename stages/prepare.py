@@ -12,9 +12,11 @@ from cxr.errors import run_stage  # noqa: E402
 from cxr.io import write_json  # noqa: E402
 from cxr.params import stage_params  # noqa: E402
 from cxr.prepare import prepare  # noqa: E402
+from cxr.tracking import check_server  # noqa: E402
 
 
 def main() -> None:
+    check_server()  # a tracking server that is down: one line now, not minutes later
     params = stage_params("prepare")
     data = params["data"]
     report = prepare(

@@ -10,9 +10,11 @@ quiet()  # first: drops TensorFlow's known start-up notices (CXR_VERBOSE=1: all)
 from cxr.errors import run_stage  # noqa: E402
 from cxr.params import stage_params  # noqa: E402
 from cxr.register import register  # noqa: E402
+from cxr.tracking import check_server  # noqa: E402
 
 
 def main() -> None:
+    check_server()  # a tracking server that is down: one line now, not minutes later
     result = register(
         stage_params("register"),
         Path("reports/compare/summary.json"),

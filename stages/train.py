@@ -10,10 +10,12 @@ quiet()  # first: drops TensorFlow's known start-up notices (CXR_VERBOSE=1: all)
 
 from cxr.errors import run_stage  # noqa: E402
 from cxr.params import stage_params  # noqa: E402
+from cxr.tracking import check_server  # noqa: E402
 from cxr.train import train  # noqa: E402
 
 
 def main() -> None:
+    check_server()  # a tracking server that is down: one line now, not minutes later
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("model", help="architecture key, one of params.yaml's train.models")
     name = parser.parse_args().model

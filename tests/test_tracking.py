@@ -77,3 +77,46 @@ def test_training_runs_can_record_system_metrics(local_store, monkeypatch):
     metrics = mlflow.get_run(run.info.run_id).data.metrics
     assert "system/cpu_utilization_percentage" in metrics
     assert not mlflow.get_run(other.info.run_id).data.metrics  # only when asked
+
+
+def _dead_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again: nothing listens there
+
+
+def test_a_tracking_server_that_is_down_is_one_line_without_the_password(monkeypatch):
+    from cxr.errors import CxrError
+
+    port = _dead_port()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://ml:s3cret@127.0.0.1:{port}")
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    with pytest.raises(CxrError) as caught:
+        tracking.check_server()
+    message = str(caught.value)
+    assert message.startswith(f"the MLflow tracking server at http://ml:***@127.0.0.1:{port}")
+    assert "does not answer" in message and "unset MLFLOW_TRACKING_URI" in message
+    assert "s3cret" not in message and "\n" not in message
+    import os
+
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"  # MLflow's 7 made it minutes
+
+
+def test_a_server_that_answers_or_a_local_store_passes(mlflow_server, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    tracking.check_server()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracking.check_server()
+
+
+def test_cxr_predict_says_the_server_is_down_not_run_the_pipeline(monkeypatch, capsys, tmp_path):
+    from cxr.cli import main
+    from tests.conftest import ROOT
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_dead_port()}")
+    assert main(["predict", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "does not answer" in err and "Run the pipeline first" not in err

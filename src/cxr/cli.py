@@ -84,6 +84,7 @@ def predict(args: argparse.Namespace) -> int:
     if not local:
         import mlflow
 
+        tracking.check_server()  # down: say so, not "run the pipeline first"
         mlflow.set_tracking_uri(tracking.tracking_uri())
     classes = load_params()["data"]["classes"] if local else None
     try:

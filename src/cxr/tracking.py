@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from cxr.errors import CxrError
 from cxr.io import read_json, write_json
 from cxr.repo import git_commit, repo_root
 
@@ -38,6 +39,41 @@ GROUP_FILES = ("dvc.yaml", "params.yaml", "data.dvc")
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+# MLflow's HTTP defaults (7 retries with backoff, 120 s timeouts) make a server that is down
+# look like a hang of minutes; these apply unless the user sets them.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+def check_server(timeout: float = 5.0) -> None:
+    """Fail in seconds, in one line, when the tracking URI names an HTTP server that does not
+    answer: call it before a stage's expensive work. Any HTTP answer (even 401 or 404)
+    counts as up; a local store always is."""
+    import urllib.error
+    import urllib.request
+
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    uri = tracking_uri()
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return
+    host = parts.hostname or ""
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    probe = urlunsplit((parts.scheme, netloc, parts.path.rstrip("/") + "/health", "", ""))
+    try:
+        urllib.request.urlopen(probe, timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # it answered
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "reason", None) or type(err).__name__
+        raise CxrError(
+            f"the MLflow tracking server at {redact(uri)} does not answer ({reason}); start "
+            "it, or unset MLFLOW_TRACKING_URI to use the local store (mlflow.db)."
+        ) from None
 
 
 def redact(uri: str) -> str:
