@@ -1,3 +1,6 @@
+import os
+from pathlib import Path
+
 import mlflow
 import pytest
 
@@ -87,7 +90,15 @@ def _dead_port() -> int:
         return s.getsockname()[1]  # closed again: nothing listens there
 
 
-def test_a_tracking_server_that_is_down_is_one_line_without_the_password(monkeypatch):
+@pytest.fixture
+def no_tracking_credentials(monkeypatch):
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_a_tracking_server_that_is_down_is_one_line_without_the_password(
+    monkeypatch, no_tracking_credentials
+):
     from cxr.errors import CxrError
 
     port = _dead_port()
@@ -96,12 +107,78 @@ def test_a_tracking_server_that_is_down_is_one_line_without_the_password(monkeyp
     with pytest.raises(CxrError) as caught:
         tracking.check_server()
     message = str(caught.value)
-    assert message.startswith(f"the MLflow tracking server at http://ml:***@127.0.0.1:{port}")
+    assert message.startswith(f"the MLflow tracking server at http://127.0.0.1:{port} does")
     assert "does not answer" in message and "unset MLFLOW_TRACKING_URI" in message
     assert "s3cret" not in message and "\n" not in message
     import os
 
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"  # MLflow's 7 made it minutes
+
+
+def test_credentials_leave_the_uri_before_mlflow_sees_it(monkeypatch, no_tracking_credentials):
+    import os
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://ml:s3cret@mlflow.example:5000/base")
+    assert tracking.tracking_uri() == "https://mlflow.example:5000/base"
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "ml"
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "s3cret"
+    assert tracking.scrub("401 for s3cret at host") == "401 for *** at host"
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tok3n-value@[::1]:5000")
+    assert tracking.tracking_uri() == "http://[::1]:5000"
+    assert os.environ["MLFLOW_TRACKING_TOKEN"] == "tok3n-value"
+
+
+@pytest.mark.parametrize(
+    ("uri", "shown"),
+    [
+        ("postgresql://ml:s3cret@db:5432/mlflow", "postgresql://ml:***@db:5432/mlflow"),
+        ("http://tok3n@host:5000", "http://***@host:5000"),
+        ("https://host/api?token=tok3n&x=1", "https://host/api?token=***&x=1"),
+        ("http://ml:s3cret@[fe80::1]:5000/", "http://ml:***@[fe80::1]:5000/"),
+        ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+    ],
+)
+def test_redaction_covers_passwords_tokens_queries_and_ipv6(uri, shown):
+    assert tracking.redact(uri) == shown
+
+
+SCRIPT = """
+import mlflow
+from pathlib import Path
+from cxr import tracking
+tracking.check_server()
+with tracking.start_run("cxr-secrets", "probe", {"cxr.group": "g"}) as run:
+    mlflow.log_param("where", tracking.redact(tracking.tracking_uri()))
+    Path("record").mkdir()
+    (Path("record") / "note.txt").write_text("artefact")
+    mlflow.log_artifacts("record")
+    tracking.write_run_record(Path("record") / "mlflow_run.json", run)
+print("run", run.info.run_id)
+"""
+
+
+def test_no_output_or_artefact_of_a_run_holds_the_password(
+    mlflow_server, tmp_path, no_tracking_credentials
+):
+    import subprocess
+    import sys
+
+    host = mlflow_server.split("//", 1)[1]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://ml:s3cret@{host}"}
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "s3cret" not in out.stdout + out.stderr
+    run_id = out.stdout.split("run ")[-1].strip()
+    run = mlflow.MlflowClient(mlflow_server).get_run(run_id)
+    assert "s3cret" not in str(run.data.params) + str(run.data.tags)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    files += [Path(mlflow.artifacts.download_artifacts(run_id=run_id, tracking_uri=mlflow_server))]
+    for path in files:
+        for f in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
+            assert b"s3cret" not in f.read_bytes(), f
 
 
 def test_a_server_that_answers_or_a_local_store_passes(mlflow_server, monkeypatch, tmp_path):

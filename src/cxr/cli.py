@@ -92,7 +92,8 @@ def predict(args: argparse.Namespace) -> int:
     except Exception as err:  # MLflow says which part of the URI it could not resolve
         raise CxrError(
             f"cannot load model {args.model!r} from {tracking.redact(tracking.tracking_uri())}: "
-            f"{err}. Run the pipeline first (`make demo` or `dvc repro`), or pass --model."
+            f"{tracking.scrub(str(err))}. Run the pipeline first (`make demo` or `dvc repro`), "
+            "or pass --model."
         ) from err
     results = predict_files(predict_fn, args.images)
     for result in results:

@@ -38,7 +38,41 @@ GROUP_FILES = ("dvc.yaml", "params.yaml", "data.dvc")
 
 
 def tracking_uri() -> str:
+    move_credentials_out_of_uri()
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+SECRET_QUERY_KEYS = ("token", "access_token", "password", "secret", "key", "api_key")
+
+
+def move_credentials_out_of_uri() -> None:
+    """An HTTP(S) MLFLOW_TRACKING_URI with credentials in it (`user:password@host`, or a
+    token as `token@host`) is split before MLflow sees it: the credentials go to
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN), which
+    MLflow sends as HTTP auth, and the URI keeps only the host, so MLflow's own messages
+    ("View run at ...") and errors never print them."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return
+    if parts.password is not None:
+        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", parts.username or "")
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", parts.password)
+    elif parts.username:
+        os.environ.setdefault("MLFLOW_TRACKING_TOKEN", parts.username)
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    os.environ["MLFLOW_TRACKING_URI"] = urlunsplit(
+        (parts.scheme, netloc, parts.path, parts.query, parts.fragment)
+    )
+
+
+def scrub(text: str) -> str:
+    """`text` (an error message shown to the user) without the tracking credentials."""
+    for name in ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        secret = os.environ.get(name)
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text
 
 
 # MLflow's HTTP defaults (7 retries with backoff, 120 s timeouts) make a server that is down
@@ -77,15 +111,23 @@ def check_server(timeout: float = 5.0) -> None:
 
 
 def redact(uri: str) -> str:
-    """Drop a password from a URI so it never reaches a tag, a param or a file."""
+    """A URI without its secrets, for tags, params, files and messages: the password of
+    `user:password@`, a token given as `token@`, and secret query values (`?token=...`);
+    IPv6 hosts keep their brackets."""
+    from urllib.parse import parse_qsl, urlencode
+
     parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    user = f"{parts.username}:***@" if parts.username else ""
-    return urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user = f"{parts.username}:***" if parts.password is not None else "***"
+        netloc = f"{user}@{host}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        hidden = [(k, "***" if k.lower() in SECRET_QUERY_KEYS else v) for k, v in pairs]
+        query = urlencode(hidden, safe="*")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def execution_group() -> str:
