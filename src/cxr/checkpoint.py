@@ -19,7 +19,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from cxr.fit import EarlyStopping, Resume
+from cxr.fit import EarlyStopping, EpochHistory, Resume
 from cxr.io import atomic_path, read_json, write_json
 
 
@@ -75,7 +75,7 @@ class Checkpoint:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-class EpochCheckpoint(keras.callbacks.Callback):
+class EpochCheckpoint(EpochHistory):
     """At the end of an epoch, once `interval` seconds have passed since the last save (or
     the start), save the model (with its optimizer state), the history so far and early
     stopping's state (with its best weights), each atomically: a kill at any moment leaves
@@ -89,9 +89,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
         interval: float,
         stopper: EarlyStopping | None = None,
     ):
-        super().__init__()
+        super().__init__(history)
         self.folder, self.interval, self.stopper = folder, interval, stopper
-        self.history = {k: list(v) for k, v in history.items()}
         self.seconds = 0.0  # spent saving, in all
         self._last = time.perf_counter()
 
@@ -99,9 +98,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self._last = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
-        for key, value in (logs or {}).items():
-            if key != "learning_rate":
-                self.history.setdefault(key, []).append(float(value))
+        super().on_epoch_end(epoch, logs)
         started = time.perf_counter()
         if started - self._last < self.interval:
             return

@@ -269,8 +269,9 @@ def fit(
     from cxr.augment import served_part
 
     timer = EpochTimer()
+    recorder = EpochHistory(resume.history if resume else None)
     started = time.perf_counter()
-    record = fitted.fit(
+    fitted.fit(
         train_ds,
         validation_data=val_ds,
         epochs=cfg["epochs"],
@@ -280,20 +281,17 @@ def fit(
         callbacks=[
             stopper or early_stopping(cfg, resume),
             timer,
-            *([EpochLine(f"train@{name}", cfg["epochs"], timer)] if progress else []),
+            recorder,
+            *([EpochLine(f"train@{name}", cfg["epochs"], timer, recorder)] if progress else []),
             *callbacks,
         ],
         shuffle=False,  # the dataset shuffles itself (Keras ignores and warns otherwise)
         verbose=0,
     )
-    history = {k: list(v) for k, v in (resume.history if resume else {}).items()}
-    for key, values in record.history.items():
-        if key != "learning_rate":
-            history.setdefault(key, []).extend(float(v) for v in values)
     return Fitted(
         model=served_part(fitted),
         fitted=fitted,
-        history=history,
+        history=recorder.history,
         images_per_epoch=len(x_train),
         epoch_seconds=timer.seconds,
         build_seconds=build_seconds,
@@ -301,16 +299,31 @@ def fit(
     )
 
 
-class EpochLine(keras.callbacks.Callback):
-    """One line per epoch: `train@cnn epoch 3/20: loss 1.0421, accuracy 0.5512, val_loss
-    1.1034, val_accuracy 0.5000 (2.1 s)` (Keras' own verbose=2 prints two)."""
+class EpochHistory(keras.callbacks.Callback):
+    """Every epoch's figures, continuing `history`: Keras' logs less the learning rate (a
+    setting, not a result). What fit returns and what a checkpoint saves."""
 
-    def __init__(self, prefix: str, epochs: int, timer: EpochTimer):
+    def __init__(self, history: dict[str, list[float]] | None = None):
         super().__init__()
-        self.prefix, self.epochs, self.timer = prefix, epochs, timer
+        self.history = {k: list(v) for k, v in (history or {}).items()}
 
     def on_epoch_end(self, epoch, logs=None):
-        figures = ", ".join(f"{k} {v:.4f}" for k, v in (logs or {}).items() if k != "learning_rate")
+        for key, value in (logs or {}).items():
+            if key != "learning_rate":
+                self.history.setdefault(key, []).append(float(value))
+
+
+class EpochLine(keras.callbacks.Callback):
+    """One line per epoch: `train@cnn epoch 3/20: loss 1.0421, accuracy 0.5512, val_loss
+    1.1034, val_accuracy 0.5000 (2.1 s)` (Keras' own verbose=2 prints two). Put it after
+    the timer and the recorder."""
+
+    def __init__(self, prefix: str, epochs: int, timer: EpochTimer, recorder: EpochHistory):
+        super().__init__()
+        self.prefix, self.epochs, self.timer, self.recorder = prefix, epochs, timer, recorder
+
+    def on_epoch_end(self, epoch, logs=None):
+        figures = ", ".join(f"{k} {v[-1]:.4f}" for k, v in self.recorder.history.items())
         seconds = self.timer.seconds[-1] if self.timer.seconds else float("nan")
         print(
             f"{self.prefix} epoch {epoch + 1}/{self.epochs}: {figures} ({seconds:.1f} s)",
