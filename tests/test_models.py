@@ -126,17 +126,3 @@ def test_model_settings_are_checked_against_the_builders_signature(tmp_path):
     weights = tmp_path / "base.weights.h5"
     weights.write_bytes(b"")
     check_settings("vgg16", {"weights": str(weights), "epochs": 3})  # a file, a training key
-
-
-def test_a_profile_with_a_typo_in_a_model_setting_fails_before_dvc_starts(tmp_path):
-    import yaml
-
-    from cxr.cli import profile_command
-    from cxr.params import ParamsError, load_params
-    from tests.conftest import ROOT
-
-    params = load_params(ROOT / "params.yaml")
-    params["demo"]["models.cnn.dropuot"] = 0.5
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    with pytest.raises(ParamsError, match="did you mean 'dropout'"):
-        profile_command("demo", params_path=tmp_path / "params.yaml")

@@ -140,9 +140,16 @@ def test_out_of_range_params_fail_before_any_work_naming_key_value_and_range(
         load_params(tmp_path / "params.yaml")
 
 
-def test_a_profile_with_a_bad_override_fails_before_dvc_starts(tmp_path):
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("prepare.image_size", 4, "prepare.image_size is 4"),
+        ("models.cnn.dropuot", 0.5, "did you mean 'dropout'"),  # the builder's signature
+    ],
+)
+def test_a_profile_with_a_bad_override_fails_before_dvc_starts(tmp_path, key, value, message):
     params = load_params(ROOT / "params.yaml")
-    params["demo"]["prepare.image_size"] = 4
+    params["demo"][key] = value
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    with pytest.raises(ParamsError, match="prepare.image_size is 4"):
+    with pytest.raises(ParamsError, match=message):
         profile_command("demo", params_path=tmp_path / "params.yaml")

@@ -81,6 +81,12 @@ NO_CREDENTIALS = (
 )
 
 
+def _require_credentials() -> None:
+    """Stop before any network call when the client would find no credentials."""
+    if kaggle_credentials() is None:
+        raise DownloadError(NO_CREDENTIALS)
+
+
 def _kaggle_api():
     """An authenticated KaggleApi. The client decides which credentials count (kaggle 2.x:
     an access token, then kaggle.json / KAGGLE_USERNAME+KAGGLE_KEY, then `kaggle auth login`
@@ -139,8 +145,7 @@ def kaggle_download(
     over. HTTP errors become messages that say what to do. A failed download leaves nothing
     in `dest`.
     """
-    if kaggle_credentials() is None:
-        raise DownloadError(NO_CREDENTIALS)
+    _require_credentials()
     owner_name = dataset.strip("/")
     if owner_name.count("/") != 1:
         raise DownloadError(f"data.kaggle_dataset {dataset!r} must look like 'owner/name'.")
@@ -204,8 +209,7 @@ def latest_version(dataset: str, api_factory: Callable[[], Any] = _kaggle_api) -
     """The current version number of Kaggle dataset `dataset` (owner/name)."""
     import json
 
-    if kaggle_credentials() is None:
-        raise DownloadError(NO_CREDENTIALS)
+    _require_credentials()
     api = api_factory()
     answer = api.dataset_status(dataset.strip("/"), format="json(current_version_number)")
     return int(json.loads(answer)["current_version_number"])
@@ -223,20 +227,18 @@ def kaggle_unpack(
     """Download `dataset` into the cache (or take it from there) and unpack it into `out`. A
     cached zip that turns out damaged is deleted and downloaded again, once, saying so; a
     fresh download that is damaged too is deleted, and the error says so."""
-    zip_path = kaggle_download(dataset, version, cache_dir, api_factory)
-    try:
-        return unpack_into(zip_path, out, name, what)
-    except CorruptArchive as err:
-        print(f"download: {err} Deleting the cached copy and downloading it again.")
-        zip_path.unlink(missing_ok=True)
-    zip_path = kaggle_download(dataset, version, cache_dir, api_factory)
-    try:
-        return unpack_into(zip_path, out, name, what)
-    except CorruptArchive as err:
-        zip_path.unlink(missing_ok=True)
-        raise CorruptArchive(
-            f"{err} It was downloaded twice and deleted; try again later."
-        ) from err
+    for again in (False, True):
+        zip_path = kaggle_download(dataset, version, cache_dir, api_factory)
+        try:
+            return unpack_into(zip_path, out, name, what)
+        except CorruptArchive as err:
+            zip_path.unlink(missing_ok=True)
+            if again:
+                raise CorruptArchive(
+                    f"{err} It was downloaded twice and deleted; try again later."
+                ) from err
+            print(f"download: {err} Deleting the cached copy and downloading it again.")
+    raise AssertionError("unreachable")
 
 
 # ---------------------------------------------------------------------------- archives

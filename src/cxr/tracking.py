@@ -89,15 +89,11 @@ def check_server(timeout: float = 5.0) -> None:
 
     for key, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    uri = tracking_uri()
+    uri = tracking_uri()  # with no credentials left in it (move_credentials_out_of_uri)
     parts = urlsplit(uri)
     if parts.scheme not in ("http", "https"):
         return
-    host = parts.hostname or ""
-    if ":" in host:  # IPv6
-        host = f"[{host}]"
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    probe = urlunsplit((parts.scheme, netloc, parts.path.rstrip("/") + "/health", "", ""))
+    probe = urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/") + "/health", "", ""))
     try:
         urllib.request.urlopen(probe, timeout=timeout).close()
     except urllib.error.HTTPError:
@@ -119,7 +115,7 @@ def redact(uri: str) -> str:
     parts = urlsplit(uri)
     netloc = parts.netloc
     if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
+        host = netloc.rsplit("@", 1)[1]
         user = f"{parts.username}:***" if parts.password is not None else "***"
         netloc = f"{user}@{host}"
     query = parts.query
