@@ -10,10 +10,13 @@ import signal
 import subprocess
 import urllib.error
 import urllib.request
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+from cxr.images import resize
+from cxr.metrics import scores
 from tests.conftest import (
     BIN,
     GIT_IDENTITY,
@@ -172,8 +175,44 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
         return err.code, json.loads(err.read())
 
 
+def _peak_rss_mb(pid: int) -> float:
+    """The process's peak resident memory so far (Linux VmHWM), MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def _over_cap(url: str, size: int, chunked: bool) -> tuple[int, dict]:
+    """POST `size` bytes (a multiple of 1 MiB; declared, or chunked without a length); the server may
+    answer before the body is sent: read its answer whatever happens to the upload."""
+    import http.client
+    from urllib.parse import urlparse
+
+    where = urlparse(url)
+    connection = http.client.HTTPConnection(where.hostname, where.port, timeout=60)
+    connection.putrequest("POST", "/invocations")
+    connection.putheader("Content-Type", "application/json")
+    connection.putheader(
+        *(("Transfer-Encoding", "chunked") if chunked else ("Content-Length", str(size)))
+    )
+    connection.endheaders()
+    piece = b"0," * (1 << 19)
+    try:
+        for _ in range(size // len(piece)):
+            connection.send(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+        connection.send(b"0\r\n\r\n" if chunked else b"")
+    except OSError:  # the server answered and closed: what it said is in the reply
+        pass
+    response = connection.getresponse()
+    return response.status, json.loads(response.read())
+
+
 @e2e
 def test_served_champion_answers_real_radiographs_and_refuses_bad_requests(repro, tmp_path):
+    """`cxr serve` (MLflow's scoring app behind the guard): real radiographs in both request
+    forms; bad requests get a 400 with the reason and without the request; a body over the
+    cap is refused before the server holds it (peak memory <= idle + 200 MB)."""
     images = _real_images()
     port = _free_port()
     env = {
@@ -185,8 +224,7 @@ def test_served_champion_answers_real_radiographs_and_refuses_bad_requests(repro
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
         server = subprocess.Popen(
-            [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}@champion"]
-            + ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+            [str(BIN / "cxr"), "serve", "--port", str(port), "--max-body-mb", "8"],
             cwd=repro["repo"],
             env=env,
             stdout=out,
@@ -205,18 +243,27 @@ def test_served_champion_answers_real_radiographs_and_refuses_bad_requests(repro
         for answer in body["predictions"]:
             assert sum(answer["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
             assert answer["label"] == max(answer["probabilities"], key=answer["probabilities"].get)
-        status, body = _post(f"{url}/invocations", {"inputs": [[[0, 128], [255, 64]]]})
-        assert status == 200 and len(body["predictions"]) == 1
+        status, body = _post(
+            f"{url}/invocations", {"dataframe_records": [{"pixels": [[0, 128], [255, 64]]}]}
+        )
+        assert status == 200 and len(body["predictions"]) == 1, body
+        secret = base64.b64encode(b"GIF? no; SECRET-PAYLOAD").decode()
         for bad, reason in (
-            (
-                {"dataframe_records": [{"image": base64.b64encode(b"GIF? no").decode()}]},
-                "not an image",
-            ),
-            ({"inputs": [[1, 2, 3]]}, "2-D grey image"),
-            ({"inputs": []}, "no images"),
+            ({"dataframe_records": [{"image": secret}]}, "not an image"),
+            ({"dataframe_records": [{"pixels": [1, 2, 3]}]}, "pixels"),
+            ({"dataframe_records": [{"image": e} for e in encoded * 65]}, "limit of 128"),
+            ({"inputs": [[[0, 1], [2, 3]]]}, "2-d input"),
         ):
             status, body = _post(f"{url}/invocations", bad)
-            assert 400 <= status < 500 and reason in body["message"], (status, body)
+            assert status == 400 and reason in body["message"], (status, body)
+            assert set(body) == {"error_code", "message"} and secret not in body["message"]
+        idle = _peak_rss_mb(server.pid)
+        for chunked in (False, True):
+            status, body = _over_cap(url, 64 << 20, chunked)
+            assert status == 400 and "over the limit of 8,388,608 bytes" in body["message"]
+        assert _peak_rss_mb(server.pid) <= idle + 200, (idle, _peak_rss_mb(server.pid))
+        status, _ = _post(f"{url}/invocations", {"dataframe_records": [{"image": encoded[0]}]})
+        assert status == 200  # still serving
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
@@ -243,3 +290,46 @@ def test_cxr_predict_classifies_files_and_names_a_bad_one(repro, tmp_path):
         ["cxr", "predict", "--model", "models/cnn/model.keras", str(images[0])], repro["repo"]
     )
     assert json.loads(local.stdout)["label"] in ("covid", "lung_opacity", "normal", "pneumonia")
+
+
+def test_rescoring_the_champion_never_runs_the_code_it_ships(tmp_path, monkeypatch):
+    """The gate re-scores the current champion from its Keras file: a version whose pyfunc
+    code plants a file when loaded is scored without that code running."""
+    import keras
+    import mlflow
+    import numpy as np
+
+    from cxr.register import rescore
+
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    model = keras.Sequential(
+        [keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(2, "softmax")]
+    )
+    model.save(tmp_path / "model.keras")
+    planted = tmp_path / "planted"
+    evil = tmp_path / "evil_model.py"
+    evil.write_text(
+        "import pathlib, mlflow\n"
+        f"pathlib.Path({str(planted)!r}).write_text('ran')\n"
+        "from cxr.serving import Classifier\n"
+        "mlflow.models.set_model(Classifier())\n"
+    )
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(
+            name="classifier",
+            python_model=str(evil),
+            artifacts={"keras_model": str(tmp_path / "model.keras")},
+            model_config={"classes": ["a", "b"]},
+            pip_requirements=[],  # no inference of requirements (a subprocess import)
+        )
+    planted.unlink(missing_ok=True)  # logging may load it once, on the author's machine
+    version = mlflow.register_model(info.model_uri, "planted").version
+    x = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 1)).astype(np.uint8)
+    y = np.array([0, 1] * 3)
+    probs = model.predict(np.stack([resize(i[..., 0], 8) for i in x])[..., None], verbose=0)
+    expected = scores(y, probs, ["a", "b"])["accuracy"]
+    assert rescore(f"models:/planted/{version}", x, y, ["a", "b"], "accuracy") == expected
+    assert not planted.exists()
+    mlflow.pyfunc.load_model(f"models:/planted/{version}")  # what the gate used to do
+    assert planted.read_text() == "ran"

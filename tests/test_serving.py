@@ -7,7 +7,14 @@ import pytest
 from PIL import Image
 
 from cxr.images import decode_grey, load_grey, resize
-from cxr.serving import BadRequest, answers, to_batch
+from cxr.serving import (
+    MAX_ARRAY_PIXELS,
+    MAX_IMAGES,
+    BadRequest,
+    answers,
+    signature_and_example,
+    to_batch,
+)
 from tests.conftest import REAL_SAMPLE
 
 
@@ -56,7 +63,8 @@ def test_pixel_arrays_of_any_size_and_jpeg_bytes_are_accepted():
         (pd.DataFrame({"image": [base64.b64encode(b"not an image").decode()]}), "not an image"),
         (pd.DataFrame({"image": ["%%% not base64"]}), "not valid base64"),
         (pd.DataFrame({"image": [""]}), "empty file"),
-        (pd.DataFrame({"pixels": [1]}), "expected a column 'image'"),
+        (pd.DataFrame({"pictures": [1]}), "expected one column, 'image'"),
+        (pd.DataFrame({"image": ["a"], "pixels": [[[1]]]}), "expected one column"),
         (pd.DataFrame({"image": []}), "no images"),
         (np.zeros((2, 3, 4, 5)), "expected a 2-D grey image"),
         (np.full((1, 8, 8), 300.0), "0-255"),
@@ -67,6 +75,32 @@ def test_pixel_arrays_of_any_size_and_jpeg_bytes_are_accepted():
 def test_bad_requests_are_refused_with_the_reason(request_, message):
     with pytest.raises(BadRequest, match=message):
         to_batch(request_, 32)
+
+
+def test_pixels_column_gives_the_same_batch_as_an_array():
+    grey = np.random.default_rng(1).integers(0, 256, (40, 30)).astype(np.uint8)
+    frame = pd.DataFrame({"pixels": [grey.tolist(), grey[:20].tolist()]})
+    batch = to_batch(frame, 16)
+    assert batch.shape == (2, 16, 16, 1)
+    assert np.array_equal(batch[0], to_batch(grey[None], 16)[0])
+
+
+def test_caps_on_images_per_request_and_array_pixels_say_the_limit():
+    one = base64.b64encode(png_bytes(np.zeros((8, 8), np.uint8))).decode()
+    assert to_batch(pd.DataFrame({"image": [one] * MAX_IMAGES}), 8).shape[0] == MAX_IMAGES
+    with pytest.raises(BadRequest, match=f"limit of {MAX_IMAGES} per request"):
+        to_batch(pd.DataFrame({"image": [one] * (MAX_IMAGES + 1)}), 8)
+    side = int(MAX_ARRAY_PIXELS**0.5)
+    with pytest.raises(BadRequest, match=f"{side + 1} x {side} pixels is over the limit"):
+        to_batch([np.zeros((side + 1, side), np.uint8)], 8)
+    with pytest.raises(BadRequest, match="over the limit"):  # checked before conversion
+        to_batch(pd.DataFrame({"pixels": [[[0] * side] * (side + 1)]}), 8)
+
+
+def test_example_request_of_the_signature_is_accepted():
+    signature, example = signature_and_example()
+    assert [c.name for c in signature.inputs.inputs] == list(example.columns) + ["pixels"]
+    assert to_batch(example, 32).shape == (1, 32, 32, 1)
 
 
 def test_answers_name_the_label_and_every_probability():

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from cxr.errors import CxrError
 from cxr.params import PROFILES, check_params, flatten, load_params, with_overrides
+from cxr.server import MAX_BODY_BYTES
 
 
 def exp_run_command(overrides: dict, params_path: Path = Path("params.yaml")) -> list[str]:
@@ -72,33 +73,64 @@ def demo(args: argparse.Namespace) -> int:
     return code
 
 
+def _model_uri(args: argparse.Namespace) -> str:
+    """--model, or the champion of params.yaml's register.model_name; for a model in the
+    MLflow store, the tracking server must answer (down: say so, not "run the pipeline")."""
+    from cxr import tracking
+    from cxr.register import champion_uri
+
+    model = args.model or champion_uri(load_params()["register"]["model_name"])
+    if not model.endswith(".keras"):
+        import mlflow
+
+        tracking.check_server()
+        mlflow.set_tracking_uri(tracking.tracking_uri())
+    return model
+
+
+def _cannot_load(model: str, err: Exception) -> CxrError:
+    from cxr import tracking
+
+    return CxrError(
+        f"cannot load model {model!r} from {tracking.redact(tracking.tracking_uri())}: "
+        f"{tracking.scrub(str(err))}. Run the pipeline first (`make demo` or `dvc repro`), "
+        "or pass --model."
+    )
+
+
 def predict(args: argparse.Namespace) -> int:
     """Classify image files with the registered champion (or another model URI or a local
     .keras file); print one JSON line per file. Exit status 1 if any file was refused."""
-    from cxr import tracking
-    from cxr.register import champion_uri
     from cxr.serving import load_classifier, predict_files
 
-    args.model = args.model or champion_uri(load_params()["register"]["model_name"])
-    local = args.model.endswith(".keras")  # a model file names no classes: params.yaml does
-    if not local:
-        import mlflow
-
-        tracking.check_server()  # down: say so, not "run the pipeline first"
-        mlflow.set_tracking_uri(tracking.tracking_uri())
-    classes = load_params()["data"]["classes"] if local else None
+    model = _model_uri(args)
+    # A model file names no classes: params.yaml does.
+    classes = load_params()["data"]["classes"] if model.endswith(".keras") else None
     try:
-        predict_fn = load_classifier(args.model, classes)
+        predict_fn = load_classifier(model, classes)
     except Exception as err:  # MLflow says which part of the URI it could not resolve
-        raise CxrError(
-            f"cannot load model {args.model!r} from {tracking.redact(tracking.tracking_uri())}: "
-            f"{tracking.scrub(str(err))}. Run the pipeline first (`make demo` or `dvc repro`), "
-            "or pass --model."
-        ) from err
+        raise _cannot_load(model, err) from err
     results = predict_files(predict_fn, args.images)
     for result in results:
         print(json.dumps(result))
     return 1 if any("error" in r for r in results) else 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Serve a registered model over HTTP (MLflow's scoring protocol) with a body cap and
+    answers that do not repeat the request."""
+    from cxr import server
+
+    model = _model_uri(args)
+    if model.endswith(".keras"):
+        raise CxrError("cxr serve takes a model URI (models:/..., runs:/...), not a .keras file.")
+    try:
+        app = server.app_for(model, int(args.max_body_mb * 2**20))
+    except Exception as err:
+        raise _cannot_load(model, err) from err
+    print(f"serving {model} on http://{args.host}:{args.port}/invocations", flush=True)
+    server.run(app, args.host, args.port)
+    return 0
 
 
 def kaggle_version(args: argparse.Namespace) -> int:
@@ -134,6 +166,19 @@ def main(argv: list[str] | None = None) -> int:
         "params.yaml's register.model_name, models:/<model_name>@champion)",
     )
     p.set_defaults(func=predict)
+    p = sub.add_parser(
+        "serve", help="serve the champion over HTTP (MLflow's protocol, with request caps)"
+    )
+    p.add_argument("--model", help="a model URI (default: as for predict, the champion)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    p.add_argument("-p", "--port", type=int, default=5001, help="port (5001)")
+    p.add_argument(
+        "--max-body-mb",
+        type=float,
+        default=MAX_BODY_BYTES / 2**20,
+        help=f"refuse a request body over this many MiB before reading it ({MAX_BODY_BYTES >> 20})",
+    )
+    p.set_defaults(func=serve)
     p = sub.add_parser(
         "kaggle-version", help="print the current version number of data.kaggle_dataset"
     )

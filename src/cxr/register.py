@@ -72,12 +72,39 @@ def _current_champion(client, name: str):
         return None
 
 
-def rescore(model_uri: str, x: np.ndarray, y: np.ndarray, classes: list[str], metric: str):
-    """`metric` of a registered model on the current test images, through its pyfunc."""
-    import mlflow
+def keras_file_of(model_uri: str, into: Path) -> Path:
+    """Download a registered classifier's files into `into` and return its Keras model file,
+    found through the MLmodel file (YAML, read as data): nothing the version ships runs."""
+    import yaml
+    from mlflow.artifacts import download_artifacts
 
-    answers = mlflow.pyfunc.load_model(model_uri).predict(x[..., 0])
-    probs = np.array([[a["probabilities"][c] for c in classes] for a in answers])
+    local = Path(download_artifacts(artifact_uri=model_uri, dst_path=str(into)))
+    flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+    path = (local / flavor["artifacts"]["keras_model"]["path"]).resolve()
+    if not path.is_relative_to(local.resolve()):
+        raise ValueError(f"{model_uri}: its Keras file {path} lies outside the model")
+    return path
+
+
+def rescore(model_uri: str, x: np.ndarray, y: np.ndarray, classes: list[str], metric: str):
+    """`metric` of a registered classifier on the current test images, from its Keras file
+    loaded in Keras's safe mode (no pickled code, no Lambda layers), never through its
+    pyfunc: loading that runs the code shipped with the version, and anyone who can register
+    a version could run code on the retraining machine."""
+    import tempfile
+
+    import keras
+
+    from cxr.images import resize
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = keras.saving.load_model(
+            keras_file_of(model_uri, Path(tmp)), compile=False, safe_mode=True
+        )
+    size = int(model.input_shape[1])
+    if x.shape[1] != size:
+        x = np.stack([resize(image[..., 0], size) for image in x])[..., None]
+    probs = np.asarray(model.predict(x, batch_size=64, verbose=0))
     return scores(y, probs, classes)[metric]
 
 

@@ -2,11 +2,13 @@
 has (grey pixel arrays, or PNG/JPEG bytes as base64) and answers with a label and the class
 probabilities. `cxr predict` uses the same code locally.
 
-Request forms (`mlflow models serve`, POST /invocations, JSON):
-- `{"inputs": [<H x W grey pixels 0-255>, ...]}` (any size; resized like prepare does);
-- `{"dataframe_records": [{"image": "<base64 PNG or JPEG>"}, ...]}` (or `"instances"`).
+The logged model's signature is a frame of one row per image, in one of two columns (one
+column per request): `image`, a base64 PNG or JPEG file, or `pixels`, an H x W grey array
+(0-255, any size; resized like prepare does). Over HTTP (`cxr serve`, POST /invocations):
+`{"dataframe_records": [{"image": "<base64>"}, ...]}` or `[{"pixels": [[...], ...]}, ...]`.
 Each answer: `{"label": "covid", "probabilities": {"covid": 0.91, ...}}`. A request that is
-not one of these (not an image, wrong shape, empty) is refused with HTTP 400 and the reason.
+not one of these (not an image, wrong shape, empty, over a cap) is refused with HTTP 400 and
+the reason.
 """
 
 from __future__ import annotations
@@ -24,6 +26,14 @@ try:
     from mlflow.pyfunc import PythonModel
 except ImportError:  # the library works without MLflow; serving needs it
     PythonModel = object
+
+
+# Caps checked before any decoding. Files keep prepare's cap (images.MAX_PIXELS); pixel arrays,
+# which cost ~4 bytes of JSON and 8 of memory per pixel, are capped far lower: send a large
+# image as a PNG file instead. `cxr serve` also caps the request body before parsing it.
+MAX_IMAGES = 128
+MAX_ARRAY_PIXELS = 2048 * 2048
+COLUMNS = ("image", "pixels")
 
 
 class BadRequest(ValueError):
@@ -45,6 +55,13 @@ def _from_base64(value: Any, i: int, size: int) -> np.ndarray:
 
 
 def _from_pixels(value: Any, i: int, size: int) -> np.ndarray:
+    rows = len(value) if isinstance(value, list | np.ndarray) else 0
+    cols = len(value[0]) if rows and isinstance(value[0], list | np.ndarray) else 0
+    if rows * cols > MAX_ARRAY_PIXELS:
+        raise BadRequest(
+            f"image {i}: {rows} x {cols} pixels is over the limit of {MAX_ARRAY_PIXELS:,} "
+            "for a pixel array; send it as a PNG or JPEG file in the 'image' column."
+        )
     try:
         grey = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError) as err:
@@ -61,26 +78,29 @@ def _from_pixels(value: Any, i: int, size: int) -> np.ndarray:
 
 
 def to_batch(model_input: Any, size: int) -> np.ndarray:
-    """Any accepted request -> (n, size, size, 1) uint8 batch; BadRequest otherwise."""
+    """A request frame (column `image` or `pixels`, a row per image), or an array of pixel
+    images (n, H, W[, 1]) -> (n, size, size, 1) uint8 batch; BadRequest otherwise."""
     import pandas as pd
 
     if isinstance(model_input, pd.DataFrame):
-        if "image" not in model_input.columns:
+        given = [c for c in COLUMNS if c in model_input.columns]
+        if len(given) != 1:
             raise BadRequest(
-                "expected a column 'image' of base64 PNG/JPEG strings "
-                f"(got columns {list(model_input.columns)}), or 'inputs' with pixel arrays."
+                "expected one column, 'image' (base64 PNG/JPEG) or 'pixels' (H x W grey "
+                f"arrays), in every row (got columns {list(model_input.columns)})."
             )
-        items, convert = list(model_input["image"]), _from_base64
-    elif isinstance(model_input, dict) and "image" in model_input:
-        items, convert = list(np.atleast_1d(model_input["image"])), _from_base64
-    elif isinstance(model_input, np.ndarray) and model_input.dtype.kind in "OSU":
-        items, convert = list(model_input.ravel()), _from_base64  # base64 strings as inputs
+        convert = _from_base64 if given[0] == "image" else _from_pixels
+        items = list(model_input[given[0]])
     elif isinstance(model_input, np.ndarray | list):
         items, convert = list(model_input), _from_pixels  # always a batch: (n, H, W[, 1])
     else:
         raise BadRequest(f"unsupported input of type {type(model_input).__name__}.")
     if not items:
         raise BadRequest("the request holds no images.")
+    if len(items) > MAX_IMAGES:
+        raise BadRequest(
+            f"{len(items)} images is over the limit of {MAX_IMAGES} per request; split the request."
+        )
     return np.stack([convert(item, i, size) for i, item in enumerate(items)])[..., None]
 
 
@@ -112,7 +132,29 @@ class Classifier(PythonModel):
             batch = to_batch(model_input, self.size)
         except BadRequest as err:
             raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from err
-        return answers(self.model.predict(batch, verbose=0), self.classes)
+        return answers(np.asarray(self.model.predict_on_batch(batch)), self.classes)
+
+
+def signature_and_example():
+    """The request schema (one row per image: `image` or `pixels`, see the module text) and
+    an example request: a small grey ramp as a base64 PNG (no patient data)."""
+    import io
+
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, Schema
+    from PIL import Image
+
+    schema = Schema(
+        [
+            ColSpec("string", "image", required=False),
+            ColSpec(Array(Array("long")), "pixels", required=False),
+        ]
+    )
+    png = io.BytesIO()
+    Image.fromarray(np.tile(np.arange(0, 256, 8, dtype=np.uint8), (32, 1))).save(png, "PNG")
+    example = pd.DataFrame({"image": [base64.b64encode(png.getvalue()).decode()]})
+    return ModelSignature(inputs=schema), example
 
 
 def log_classifier(keras_model: Path, classes: list[str], requirements: list[str] | None):
@@ -120,6 +162,7 @@ def log_classifier(keras_model: Path, classes: list[str], requirements: list[str
     import mlflow
 
     package = Path(__file__).resolve().parent
+    signature, example = signature_and_example()
     return mlflow.pyfunc.log_model(
         name="classifier",
         python_model=str(package / "served_model.py"),  # models-from-code: no pickle
@@ -127,6 +170,8 @@ def log_classifier(keras_model: Path, classes: list[str], requirements: list[str
         model_config={"classes": classes},
         code_paths=[str(package)],
         pip_requirements=requirements,
+        signature=signature,
+        input_example=example,
     )
 
 
