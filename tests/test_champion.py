@@ -184,8 +184,8 @@ def _peak_rss_mb(pid: int) -> float:
 
 
 def _over_cap(url: str, size: int, chunked: bool) -> tuple[int, dict]:
-    """POST `size` bytes (a multiple of 1 MiB; declared, or chunked without a length); the server may
-    answer before the body is sent: read its answer whatever happens to the upload."""
+    """POST `size` bytes (a multiple of 1 MiB; declared, or chunked without a length); the
+    server may answer before the body is sent: read its answer whatever the upload does."""
     import http.client
     from urllib.parse import urlparse
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import stat
@@ -43,7 +44,6 @@ class FakeKaggleApi:
 
     def __init__(self, zip_path: Path | None, failures: list[BaseException] = ()):
         self.zip_path, self.failures, self.calls = zip_path, list(failures), []
-        self.resumable = []  # per call: force=False and the partial bytes found
         self.version = 7  # what Kaggle calls the current version
 
     def dataset_status(self, dataset, format=None):
@@ -53,9 +53,7 @@ class FakeKaggleApi:
     def dataset_download_files(self, dataset, path=None, force=False, quiet=True, unzip=False):
         self.calls.append(dataset)
         out = Path(path) / f"{dataset.split('/')[1]}.zip"
-        self.resumable.append((not force, out.stat().st_size if out.exists() else 0))
-        if self.failures:
-            out.write_bytes(b"PK\x03\x04 partial")  # an interrupted transfer
+        if self.failures:  # before any byte arrives (reaching Kaggle, the request)
             raise self.failures.pop(0)
         out.write_bytes(self.zip_path.read_bytes())
 
@@ -365,16 +363,6 @@ def test_a_damaged_cached_zip_is_downloaded_again_once(tmp_path, creds, sample_z
 
 
 @needs_sample
-def test_a_retry_resumes_the_partial_download(tmp_path, creds, sample_zip, monkeypatch):
-    monkeypatch.setattr("time.sleep", lambda s: None)
-    api = FakeKaggleApi(sample_zip, [requests.ConnectionError("reset by peer")])
-    run_kaggle(tmp_path, api)
-    assert api.resumable[0] == (True, 0)
-    assert api.resumable[1][0] and api.resumable[1][1] > 0  # the partial bytes were kept
-    assert not list((tmp_path / "cache").glob(".*.part"))  # and cleaned up after
-
-
-@needs_sample
 def test_the_latest_version_is_resolved_recorded_and_keys_the_cache(tmp_path, creds, sample_zip):
     api = FakeKaggleApi(sample_zip)
     info = run_kaggle(tmp_path, api, kaggle_version=None)
@@ -405,3 +393,111 @@ def test_a_folder_source_refuses_symbolic_links(tmp_path, target):
     with pytest.raises(DownloadError, match="holds a symbolic link.*COVID-1.png -> "):
         run_archive(tmp_path, tmp_path / "mine")
     assert not (tmp_path / "raw").exists()
+
+
+class KaggleHttp:
+    """Kaggle's HTTP API as the real client (kaggle 2.x, kagglesdk) sees it, with
+    `requests.Session.send` replaced: token introspection, the dataset's current version,
+    and the dataset download (Content-Length, ETag, Range resumes). `cuts` cut the download
+    streams short (bytes sent before a connection reset), one per download request."""
+
+    def __init__(self, monkeypatch, zip_bytes: bytes, version: int = 7, cuts=()):
+        self.zip, self.version, self.cuts = zip_bytes, version, list(cuts)
+        self.seen: list[tuple[str, str | None]] = []
+        monkeypatch.setattr(
+            requests.Session, "send", lambda session, request, **kw: self.send(request)
+        )
+        monkeypatch.setattr("time.sleep", lambda s: None)  # the client's and ours
+
+    def _reply(self, request, status, body=b"", headers=None, cut=None):
+        response = requests.Response()
+        response.status_code, response.url, response.request = status, request.url, request
+        response.headers.update(headers or {"Content-Type": "application/json"})
+        response.raw = _Stream(body, cut)
+        return response
+
+    def send(self, request):
+        url, byte_range = request.url, request.headers.get("Range")
+        self.seen.append((url.rsplit("/", 1)[-1], byte_range))
+        if url.endswith("/IntrospectToken"):
+            return self._reply(request, 200, b'{"active": true, "username": "tester"}')
+        if url.endswith("/GetDataset"):
+            return self._reply(request, 200, b'{"currentVersionNumber": %d}' % self.version)
+        if url.endswith("/DownloadDataset") or byte_range:
+            start = int(byte_range.split("=")[1].rstrip("-")) if byte_range else 0
+            headers = {
+                "Content-Type": "application/zip",
+                "Content-Length": str(len(self.zip) - start),
+                "Accept-Ranges": "bytes",
+                "ETag": f'"v{self.version}"',
+                "Last-Modified": "Mon, 02 Nov 2026 10:00:00 GMT",
+            }
+            cut = self.cuts.pop(0) if self.cuts else None
+            return self._reply(request, 206 if start else 200, self.zip[start:], headers, cut)
+        raise AssertionError(f"unexpected request {url}")
+
+    def downloads(self) -> list[str | None]:
+        """The Range of each download request (None: from the start)."""
+        return [r for name, r in self.seen if name == "DownloadDataset" or r]
+
+
+class _Stream(io.BytesIO):
+    """A response body that resets the connection after `cut` bytes."""
+
+    def __init__(self, body: bytes, cut: int | None):
+        super().__init__(body)
+        self.cut = cut
+
+    def read(self, size=-1):
+        if self.cut is not None and self.tell() >= self.cut:
+            raise requests.ConnectionError("Connection reset by peer")
+        if self.cut is not None and size > 0:
+            size = min(size, self.cut - self.tell())
+        return super().read(size)
+
+
+def run_real_client(tmp_path, **overrides):
+    return download(
+        data_params(**overrides), tmp_path / "raw", tmp_path / "download.json", tmp_path / "cache"
+    )
+
+
+@needs_sample
+def test_the_real_client_resumes_a_cut_download_where_it_stopped(
+    tmp_path, creds, sample_zip, monkeypatch
+):
+    """One retry policy: the client's own resume (an HTTP Range from the bytes it has)."""
+    kaggle = KaggleHttp(monkeypatch, sample_zip.read_bytes(), cuts=[300_000])
+    info = run_real_client(tmp_path, kaggle_version=None)
+    assert kaggle.downloads() == [None, "bytes=300000-"]
+    assert info["kaggle_version"] == 7 and info["files"]["COVID"] == 40
+    (cached,) = (tmp_path / "cache").glob("*.zip")
+    assert cached.name.endswith("__v7.zip") and cached.read_bytes() == sample_zip.read_bytes()
+    assert ("IntrospectToken", None) in kaggle.seen  # the client really authenticated
+
+
+@needs_sample
+def test_the_real_client_replaces_a_damaged_cached_zip_once(
+    tmp_path, creds, sample_zip, monkeypatch, capsys
+):
+    kaggle = KaggleHttp(monkeypatch, sample_zip.read_bytes())
+    run_real_client(tmp_path)
+    (cached,) = (tmp_path / "cache").glob("*.zip")
+    data = bytearray(cached.read_bytes())
+    data[len(data) // 3] ^= 0xFF  # inside some PNG entry: a CRC failure on unpacking
+    cached.write_bytes(bytes(data))
+    shutil.rmtree(tmp_path / "raw")
+    assert run_real_client(tmp_path)["files"]["COVID"] == 40
+    assert kaggle.downloads() == [None, None]  # downloaded again, whole, once
+    assert "Deleting the cached copy and downloading it again" in capsys.readouterr().out
+    assert cached.read_bytes() == sample_zip.read_bytes()
+
+
+def test_the_real_client_giving_up_is_final_and_leaves_nothing(tmp_path, creds, monkeypatch):
+    """Every stream cut: the client's own 5 resumes, not retried again by the stage; one
+    line; no partial file."""
+    kaggle = KaggleHttp(monkeypatch, b"PK\x03\x04" + bytes(400_000), cuts=[1000] * 100)
+    with pytest.raises(DownloadError, match="broke off and the Kaggle client's own resumes"):
+        run_real_client(tmp_path)
+    assert kaggle.downloads() == [None] + [f"bytes={1000 * k}-" for k in range(1, 6)]
+    assert not (tmp_path / "raw").exists() and list((tmp_path / "cache").iterdir()) == []

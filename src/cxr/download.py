@@ -139,11 +139,11 @@ def kaggle_download(
 ) -> Path:
     """Download `dataset` (owner/name) as a zip into `dest`; return the zip's path.
 
-    One retry policy: a network failure is retried `retries` times in all, with exponential
-    backoff, and each attempt resumes the bytes already fetched (the client asks for the
-    rest with an HTTP Range request, checked against the file's ETag) instead of starting
-    over. HTTP errors become messages that say what to do. A failed download leaves nothing
-    in `dest`.
+    One retry policy per kind of failure, never both: a transfer that breaks off is resumed
+    by the client itself (up to 5 times, 2-32 s apart, an HTTP Range request for the rest,
+    checked against the file's ETag); a network failure before any byte arrives is retried
+    here, `retries` attempts in all with exponential backoff. HTTP errors become messages
+    that say what to do. A failed download leaves nothing in `dest`.
     """
     _require_credentials()
     owner_name = dataset.strip("/")
@@ -169,7 +169,7 @@ def _download_attempts(
     for attempt in range(1, retries + 1):
         try:
             api = api_factory()
-            # force=False: a retry resumes the partial file in `tmp`
+            # force=False: the client resumes a broken transfer itself (see above)
             api.dataset_download_files(ref, path=str(tmp), force=False, quiet=False, unzip=False)
             zips = list(tmp.glob("*.zip"))
             if len(zips) != 1:
@@ -191,6 +191,13 @@ def _download_attempts(
                 raise DownloadError(
                     f"Kaggle has no dataset {ref} (HTTP 404): check data.kaggle_dataset "
                     "(owner/name) and data.kaggle_version."
+                ) from err
+            if _is_network(err) and any(tmp.iterdir()):
+                # bytes had arrived: the client's own resumes of the transfer are spent
+                raise DownloadError(
+                    f"The download of {ref} broke off and the Kaggle client's own resumes "
+                    f"(5, by HTTP Range) failed too ({err}). Check the network and rerun, or "
+                    "set data.source: archive with a local copy."
                 ) from err
             if not _is_network(err) or attempt == retries:
                 if _is_network(err):
