@@ -123,6 +123,10 @@ def test_champion_alias_gate_and_no_duplicate_versions(repro):
     assert _json(repo / "reports" / "champion" / "champion.json")["version"] == champion.version
     card = (repo / "reports" / "champion" / "model_card.md").read_text()
     assert "Not for clinical use" in card and "bootstrap" in card
+    mlflow.set_tracking_uri(repro["uri"])  # the registered pyfunc: its schema and example
+    info = mlflow.models.get_model_info(f"models:/{MODEL}@champion")
+    assert [c.name for c in info.signature.inputs.inputs] == ["image", "pixels"]
+    assert info.saved_input_example_info["type"] == "dataframe"
     assert client.get_model_version(MODEL, champion.version).description == card
 
     run(["dvc", "repro", "-f", "-s", "register"], repo, env=repro["env"])  # no new version

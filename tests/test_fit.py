@@ -38,13 +38,23 @@ def test_balanced_class_weights_equalise_the_classes():
 
 def test_model_overrides_win_for_that_model_only():
     params = {
-        "train": {"epochs": 30, "learning_rate": 1e-3, "batch_size": 32},
-        "models": {"resnet50v2": {"weights": "none", "epochs": 12}, "cnn": {"filters": [8]}},
+        "train": {
+            "epochs": 30,
+            "learning_rate": 1e-3,
+            "batch_size": 32,
+            "augment": {"zoom": 0.1, "shift": 0.05},
+        },
+        "models": {
+            "resnet50v2": {"weights": "none", "epochs": 12, "augment": {"zoom": 0.0}},
+            "cnn": {"filters": [8]},
+        },
     }
     cfg, builder = settings_for("resnet50v2", params)
     assert cfg["epochs"] == 12 and builder == {"weights": "none"}
+    assert cfg["augment"] == {"zoom": 0.0, "shift": 0.05}  # the model's keys, train's others
     cfg, builder = settings_for("cnn", params)
     assert cfg["epochs"] == 30 and builder == {"filters": [8]}
+    assert cfg["augment"] == {"zoom": 0.1, "shift": 0.05}
 
 
 def test_augmentation_changes_training_batches_only():
@@ -81,13 +91,15 @@ def test_augmentation_is_one_resampling_of_the_image():
 
 
 def test_training_model_trains_the_served_model_and_saves_without_augmentation(tmp_path):
+    keras.utils.set_random_seed(0)  # not whatever the tests before left in the generators
     model = build_model("cnn", (24, 24, 1), 4, filters=[4], dense_units=4)
     fitted = training_model(model, make_augmenter({**NO_AUGMENT, "rotation": 0.05}, 0))
     assert served_part(fitted) is model and served_part(model) is model
     fitted.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
     before = [w.copy() for w in model.get_weights()]
     x = np.random.default_rng(0).integers(0, 256, (8, 24, 24, 1)).astype(np.uint8)
-    fitted.train_on_batch(x, np.arange(8) % 4)
+    # Unbalanced labels: even with every ReLU dead (4 units), the output bias must move.
+    fitted.train_on_batch(x, np.arange(8) % 3)
     assert any(not np.array_equal(a, b) for a, b in zip(before, model.get_weights(), strict=True))
     model.save(tmp_path / "model.keras")
     loaded = keras.saving.load_model(tmp_path / "model.keras")

@@ -133,6 +133,51 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def tune(args: argparse.Namespace) -> int:
+    """Search a model's settings (params.yaml's tune.space), or train the best found."""
+    from cxr import tracking
+
+    params = load_params()
+    overrides = dict(params[args.profile]) if args.profile else {}
+    if args.apply:
+        from cxr.tune import read_tuned
+
+        tuned = read_tuned(Path("tuned") / f"{args.model}.yaml")
+        if tuned["profile"] != args.profile:
+            print(
+                f"note: tuned/{args.model}.yaml was searched with profile "
+                f"{tuned['profile'] or 'none'}; applying with {args.profile or 'none'}."
+            )
+        wins = sorted(set(overrides) & set(tuned["params"]))
+        if wins:
+            print(f"tuned values win over profile {args.profile} for: {', '.join(wins)}")
+        overrides.update(tuned["params"])
+        effective = check_params(with_overrides(params, overrides))
+        from cxr.models import check_settings
+
+        check_settings(args.model, effective["models"][args.model])
+        check_data_folder()
+        command = exp_run_command(overrides) + ["-n", f"tuned-{args.model}", *args.dvc_args]
+        print("+", shlex.join(command), flush=True)
+        return 0 if args.dry_run else subprocess.call(command)
+    from cxr.tune import tune as run_study
+
+    tracking.check_server()
+    effective = check_params(with_overrides(params, overrides))
+    summary = run_study(
+        effective, args.model, Path("prepared"), args.trials, args.workers, args.profile
+    )
+    if summary["best_trial"] is None:
+        raise CxrError(f"no trial of {args.model} completed: see the lines above.")
+    print(
+        f"\ntune@{args.model}: best trial {summary['best_trial']}: val_loss "
+        f"{summary['val_loss']:.4f}, val_accuracy {summary['val_accuracy']:.4f}; written to "
+        f"tuned/{args.model}.yaml. Train it through the pipeline: cxr tune {args.model} "
+        "--apply" + (f" --profile {args.profile}" if args.profile else "")
+    )
+    return 0
+
+
 def kaggle_version(args: argparse.Namespace) -> int:
     """Print the current version number of params.yaml's data.kaggle_dataset."""
     from cxr.download import latest_version
@@ -180,12 +225,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.set_defaults(func=serve)
     p = sub.add_parser(
+        "tune",
+        help="search a model's settings with Optuna (params.yaml's tune:), or --apply the best",
+    )
+    p.add_argument("model", help="the architecture, a key of params.yaml's tune.space")
+    p.add_argument("--trials", type=int, help="finished trials the study should hold")
+    p.add_argument("--workers", type=int, default=1, help="processes sharing the cores (1)")
+    p.add_argument("--profile", choices=PROFILES, help="search (or apply) with this profile")
+    p.add_argument(
+        "--apply",
+        action="store_true",
+        help="train tuned/<model>.yaml through the pipeline: a DVC experiment",
+    )
+    p.add_argument("--dry-run", action="store_true", help="with --apply: print the command")
+    p.set_defaults(func=tune)
+    p = sub.add_parser(
         "kaggle-version", help="print the current version number of data.kaggle_dataset"
     )
     p.set_defaults(func=kaggle_version)
     args, extra = parser.parse_known_args(argv)
-    if args.command == "profile":
-        args.dvc_args = extra[1:] if extra[:1] == ["--"] else extra
+    if args.command in ("profile", "tune"):
+        args.dvc_args = extra[1:] if extra[:1] == ["--"] else extra  # after --: for dvc
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:

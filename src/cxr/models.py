@@ -203,7 +203,9 @@ MODELS: dict[str, Callable[..., keras.Model]] = {
     "cnn4_bn": build_cnn4_bn,
     "cnn6_bn": build_cnn6_bn,
 }
-TRAINING_KEYS = ("learning_rate", "epochs", "batch_size")
+# A model's own training settings (models.<name>.<key>), winning over train's for it only;
+# `augment` may hold some of train.augment's keys (the others stay train's).
+TRAINING_KEYS = ("learning_rate", "epochs", "batch_size", "schedule", "augment")
 
 
 def check_settings(name: str, settings: dict) -> None:

@@ -17,6 +17,8 @@ from cxr.errors import CxrError
 
 SOURCES = ("kaggle", "archive", "synthetic")
 BALANCE = ("undersample", "top-up", "none")
+SCHEDULES = ("constant", "cosine")
+PRUNERS = ("median", "hyperband", "none")
 # The headline test metrics (compare.metric's choices; cxr.metrics names them for reports).
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc_macro")
 
@@ -57,6 +59,8 @@ RANGES: dict[str, tuple[Any, str]] = {
     "evaluate.ci_level": _number(0, 1, open_low=True),
     "evaluate.calibration_bins": _whole(1),
     "evaluate.gradcam_per_class": _whole(0),
+    "tune.trials": _whole(1),
+    "tune.epochs": _whole(1),
 }
 
 # Required keys of each section, with the type they must have (nested dicts are checked too).
@@ -119,6 +123,14 @@ SCHEMA: dict[str, Any] = {
     "compare": {"metric": str},
     "register": {"model_name": str, "force": bool},
     "mlflow": {"experiment": str},
+    "tune": {
+        "trials": int,
+        "epochs": int,
+        "pruner": str,
+        "seed": int,
+        "storage": (str, type(None)),
+        "space": dict,
+    },
     # Profiles: dotted-key overrides that `cxr demo` / `cxr profile NAME` pass to
     # `dvc exp run --temp -S`, leaving this file as it is.
     "demo": dict,
@@ -200,7 +212,7 @@ def check_params(params: dict[str, Any]) -> dict[str, Any]:
         )
     train = params["train"]
     for key, allowed in (
-        ("schedule", ("constant", "cosine")),
+        ("schedule", SCHEDULES),
         ("imbalance", ("class_weight", "oversample", "none")),
         ("mixed_precision", ("auto", "on", "off")),
     ):
@@ -246,7 +258,44 @@ def check_params(params: dict[str, Any]) -> dict[str, Any]:
                 f"params.yaml: train.models lists {model!r} but models.{model} has no settings; "
                 f"add a 'models.{model}' section (known: {sorted(params['models'])})."
             )
+    for model, settings in params["models"].items():
+        _check_model_training_keys(model, settings, train)
+    tune = params["tune"]
+    if tune["pruner"] not in PRUNERS:
+        raise ParamsError(
+            f"params.yaml: tune.pruner is {tune['pruner']!r}; expected one of {list(PRUNERS)}."
+        )
+    for model in set(tune["space"]) - set(params["models"]):
+        raise ParamsError(
+            f"params.yaml: tune.space.{model} names no model of models "
+            f"(known: {sorted(params['models'])})."
+        )
     return params
+
+
+def _check_model_training_keys(model: str, settings: Any, train: dict[str, Any]) -> None:
+    """A model's own training settings (models.<model>.schedule, .augment.<key>, ...) obey
+    train's rules."""
+    if not isinstance(settings, dict):
+        raise ParamsError(f"params.yaml: 'models.{model}' must be a mapping, got {settings!r}.")
+    merged = {**train, **{k: v for k, v in settings.items() if k in train and k != "augment"}}
+    augment = settings.get("augment", {})
+    if not isinstance(augment, dict) or set(augment) - set(train["augment"]):
+        raise ParamsError(
+            f"params.yaml: models.{model}.augment is {augment!r}; expected a mapping of some "
+            f"of {sorted(train['augment'])}."
+        )
+    merged["augment"] = {**train["augment"], **augment}
+    if merged["schedule"] not in SCHEDULES:
+        raise ParamsError(
+            f"params.yaml: models.{model}.schedule is {merged['schedule']!r}; expected one of "
+            f"{list(SCHEDULES)}."
+        )
+    flat = flatten({"train": merged})
+    for key, (ok, expected) in RANGES.items():
+        if key.startswith("train.") and not ok(flat[key]):
+            own = f"models.{model}.{key.removeprefix('train.')}"
+            raise ParamsError(f"params.yaml: {own} is {flat[key]!r}; expected {expected}.")
 
 
 class StageParams(dict):

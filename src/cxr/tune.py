@@ -1,0 +1,566 @@
+"""Hyper-parameter search with Optuna: `cxr tune <model>`.
+
+One study per architecture, prepared data and search space (params.yaml's `tune:`), in
+Optuna's storage: a journal file under `tuning/` by default (safe for several processes on
+one machine), or a database URL (`tune.storage`, or $CXR_TUNE_STORAGE, which wins) that
+workers on several machines fill together. Each trial fits one configuration with
+`cxr.fit.fit` on the train split and scores it on the validation split (the test split is
+never read): the objective is the best validation loss, the validation accuracy of that
+epoch beside it. A pruner stops a trial whose per-epoch validation loss falls behind.
+
+MLflow: one parent run per study (found again when the study resumes), one nested run per
+trial (its params, per-epoch validation metrics, its state). The best configuration goes to
+`tuned/<model>.yaml`; `cxr tune <model> --apply` trains it through the pipeline as a DVC
+experiment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cxr.errors import CxrError
+from cxr.params import ParamsError, check_params, with_overrides
+
+STORAGE_ENV = "CXR_TUNE_STORAGE"
+# What a trial may change besides the builder's settings: the model's own training keys.
+SEARCHED_TRAINING_KEYS = ("learning_rate", "batch_size", "schedule")
+
+
+# --- the search space --------------------------------------------------------------------
+
+
+def check_space(params: dict[str, Any], model: str) -> dict[str, Any]:
+    """tune.space.<model>, validated: each key a setting of the model (builder argument,
+    learning_rate, batch_size, schedule or augment.<key>); each value a list of choices or
+    {low, high[, log, step]}; every choice and both ends give valid params."""
+    from cxr.models import MODELS, check_settings
+
+    space = params["tune"]["space"].get(model)
+    if not space:
+        raise ParamsError(
+            f"params.yaml: tune.space has no search space for {model!r} (has "
+            f"{sorted(params['tune']['space'])}); add tune.space.{model}."
+        )
+    if model not in MODELS:
+        raise ParamsError(f"params.yaml: unknown model {model!r}; known: {sorted(MODELS)}.")
+    for key, spec in space.items():
+        where = f"tune.space.{model}.{key}"
+        if isinstance(spec, list):
+            values = spec
+            if not values:
+                raise ParamsError(f"params.yaml: {where} lists no choices.")
+        elif isinstance(spec, dict) and {"low", "high"} <= set(spec) <= {
+            "low",
+            "high",
+            "log",
+            "step",
+        }:
+            low, high = spec["low"], spec["high"]
+            if not all(isinstance(v, int | float) for v in (low, high)) or not low < high:
+                raise ParamsError(f"params.yaml: {where} needs numbers low < high, got {spec}.")
+            if spec.get("log") and low <= 0:
+                raise ParamsError(f"params.yaml: {where} is log-scaled: low must be > 0.")
+            values = [low, high]
+        else:
+            raise ParamsError(
+                f"params.yaml: {where} is {spec!r}; expected a list of choices or a mapping "
+                "with low and high (and optionally log: true, step)."
+            )
+        for value in values:  # every choice, both ends: valid params, known keys
+            trial_params = with_overrides(params, {f"models.{model}.{key}": value})
+            try:
+                check_params(trial_params)
+                check_settings(model, trial_params["models"][model])
+            except ParamsError as err:
+                raise ParamsError(f"params.yaml: {where}: {value!r} would give: {err}") from err
+        if key.split(".")[0] in ("epochs",):
+            raise ParamsError(f"params.yaml: {where}: the budget is tune.epochs, not searched.")
+    return space
+
+
+def suggest(trial, model: str, space: dict[str, Any]) -> dict[str, Any]:
+    """The trial's values, as dotted params keys (models.<model>.<key>)."""
+    chosen = {}
+    for key, spec in space.items():
+        if isinstance(spec, list):  # Optuna's choices must be scalars: lists go as JSON
+            texts = [json.dumps(c) for c in spec]
+            value = json.loads(trial.suggest_categorical(key, texts))
+        elif all(isinstance(spec[k], int) for k in ("low", "high")) and not spec.get("log"):
+            value = trial.suggest_int(key, spec["low"], spec["high"], step=spec.get("step", 1))
+        else:
+            value = trial.suggest_float(
+                key, spec["low"], spec["high"], log=spec.get("log", False), step=spec.get("step")
+            )
+        chosen[f"models.{model}.{key}"] = value
+    return chosen
+
+
+def study_name(model: str, fingerprint: str, space: dict, base: dict[str, Any]) -> str:
+    """The study a search belongs to: the model, the data, the space and every setting a
+    trial starts from (a different profile or space is a new study, never a mix)."""
+    digest = hashlib.sha256(
+        json.dumps([space, base], sort_keys=True, default=str).encode()
+    ).hexdigest()
+    return f"cxr-{model}-{fingerprint[:8]}-{digest[:8]}"
+
+
+# --- storage -----------------------------------------------------------------------------
+
+
+def storage_url(params: dict[str, Any]) -> str | None:
+    return os.environ.get(STORAGE_ENV) or params["tune"]["storage"]
+
+
+def open_storage(url: str | None, journal: Path):
+    """Optuna's storage: a database URL (with heartbeats: a dead worker's trial is failed
+    after 3 minutes), or the journal file (one machine: see fail_dead_trials)."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    if url:
+        return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=180)
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.JournalStorage(JournalFileBackend(str(journal)))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fail_dead_trials(study) -> list[int]:
+    """Trials left running by a worker of this machine that no longer runs (killed): failed,
+    so that the study goes on without them, and their MLflow runs ended KILLED. Another
+    machine's are its own (a database's heartbeats fail them)."""
+    import mlflow
+    from optuna.trial import TrialState
+
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
+        if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            failed.append(trial.number)
+            if run_id := trial.user_attrs.get("mlflow_run_id"):
+                client = mlflow.MlflowClient()
+                client.set_tag(run_id, "cxr.tune.state", "killed")
+                client.set_terminated(run_id, "KILLED")
+    return failed
+
+
+def make_pruner(name: str, epochs: int):
+    import optuna
+
+    if name == "median":  # from epoch 2 on (one epoch says little), against finished trials
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs)
+    return optuna.pruners.NopPruner()
+
+
+# --- a worker ----------------------------------------------------------------------------
+
+
+class Reporter:
+    """A Keras callback: each epoch's validation loss to the trial (pruning it when the
+    pruner says so) and the epoch's figures to the trial's MLflow run."""
+
+    def __new__(cls, *args, **kwargs):  # a keras.callbacks.Callback, imported late
+        import keras
+
+        class _Reporter(keras.callbacks.Callback):
+            def __init__(self, trial):
+                super().__init__()
+                self.trial = trial
+
+            def on_epoch_end(self, epoch, logs=None):
+                import mlflow
+                import optuna
+
+                logs = {k: float(v) for k, v in (logs or {}).items() if k != "learning_rate"}
+                mlflow.log_metrics(logs, step=epoch + 1)
+                self.trial.report(logs["val_loss"], epoch + 1)
+                if self.trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}")
+
+        return _Reporter(*args, **kwargs)
+
+
+def run_worker(job: dict[str, Any]) -> None:
+    """Run trials of study job["name"] until it holds job["trials"] finished (complete or
+    pruned). `job`: what `tune` hands each worker (JSON, for worker processes): params,
+    model, prepared, name, url, journal, trials, parent (MLflow run), threads, seed."""
+    import keras
+    import mlflow
+    import numpy as np
+    import optuna
+
+    from cxr import tracking
+    from cxr.cache import split_arrays
+    from cxr.fit import accelerator_settings, fit, settings_for
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    params, model, name, parent = job["params"], job["model"], job["name"], job["parent"]
+    space = params["tune"]["space"][model]
+    budget = params["tune"]["epochs"]
+    base_cfg, _ = settings_for(model, params)
+    accel = accelerator_settings({**base_cfg, "threads": job["threads"]})
+    prepared = Path(job["prepared"])
+    train = split_arrays(prepared, "train")[:2]
+    x_val, y_val, summary = split_arrays(prepared, "val")
+    study = optuna.load_study(
+        study_name=name,
+        storage=open_storage(job["url"], Path(job["journal"])),
+        sampler=optuna.samplers.TPESampler(seed=job["seed"]),
+        pruner=make_pruner(params["tune"]["pruner"], budget),
+    )
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    experiment_id = tracking.setup_experiment(params["mlflow"]["experiment"])
+
+    def objective(trial) -> float:
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        overrides = suggest(trial, model, space)
+        cfg, builder_cfg = settings_for(model, with_overrides(params, overrides))
+        cfg["epochs"] = budget
+        keras.backend.clear_session()
+        tags = {
+            "cxr.stage": f"tune@{model}",
+            "cxr.tune.study": name,
+            "cxr.tune.trial": str(trial.number),
+            "cxr.group": tracking.execution_group(),
+        }
+        pruned = None
+        with mlflow.start_run(
+            experiment_id=experiment_id,
+            run_name=f"tune@{model} trial {trial.number}",
+            tags=tags,
+            parent_run_id=parent,
+        ) as run:  # an exception ends it FAILED; a pruned trial's run ends FINISHED
+            trial.set_user_attr("mlflow_run_id", run.info.run_id)
+            mlflow.log_params({k.split(".", 2)[2]: v for k, v in overrides.items()})
+            mlflow.set_tag("cxr.tune.state", "failed")  # until it ends otherwise
+            try:
+                fitted = fit(
+                    model, cfg, builder_cfg, train, (x_val, y_val), len(summary["classes"]), accel,
+                    callbacks=[Reporter(trial)], progress=False,
+                )  # fmt: skip
+            except optuna.TrialPruned as err:
+                mlflow.set_tag("cxr.tune.state", "pruned")
+                pruned = err
+            else:
+                history = fitted.history
+                best = int(np.argmin(history["val_loss"]))
+                trial.set_user_attr("val_accuracy", history["val_accuracy"][best])
+                trial.set_user_attr("epochs", len(history["val_loss"]))
+                mlflow.log_metrics(
+                    {
+                        "best_val_loss": history["val_loss"][best],
+                        "best_val_accuracy": history["val_accuracy"][best],
+                    }
+                )
+                mlflow.set_tag("cxr.tune.state", "complete")
+        if pruned is not None:
+            raise pruned
+        return history["val_loss"][best]
+
+    study.optimize(
+        objective,
+        callbacks=[
+            optuna.study.MaxTrialsCallback(
+                job["trials"],
+                states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED),
+            ),
+            progress_line(model),
+        ],
+        catch=(),
+    )
+
+
+def progress_line(model: str):
+    """An Optuna callback: one line per finished trial, and the best so far."""
+
+    def line(study, trial) -> None:
+        from optuna.trial import TrialState
+
+        params = ", ".join(f"{k} {_short(v)}" for k, v in trial.params.items())
+        if trial.state == TrialState.COMPLETE:
+            what = (
+                f"val_loss {trial.value:.4f}, val_accuracy "
+                f"{trial.user_attrs.get('val_accuracy', float('nan')):.4f}"
+            )
+        else:
+            what = trial.state.name.lower()
+            if trial.state == TrialState.PRUNED and trial.intermediate_values:
+                last = max(trial.intermediate_values)
+                what += f" after epoch {last} (val_loss {trial.intermediate_values[last]:.4f})"
+        try:
+            best = f"best: trial {study.best_trial.number}, {study.best_value:.4f}"
+        except ValueError:
+            best = "best: none yet"
+        print(f"tune@{model} trial {trial.number}: {what} | {params} | {best}", flush=True)
+
+    return line
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, str):  # a choice, JSON-encoded for Optuna
+        value = json.loads(value)
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+# --- the command -------------------------------------------------------------------------
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def tune(
+    params: dict[str, Any],
+    model: str,
+    prepared: Path,
+    trials: int | None = None,
+    workers: int = 1,
+    profile: str | None = None,
+    tuned_dir: Path = Path("tuned"),
+    journal_dir: Path = Path("tuning"),
+) -> dict[str, Any]:
+    """Run (or continue) the study of `model` until it holds `trials` finished trials, with
+    `workers` processes splitting this machine's cores; log it to MLflow; write the best
+    configuration to tuned_dir/<model>.yaml. `params`: params.yaml with the profile applied."""
+    import mlflow
+    import optuna
+
+    from cxr import tracking
+    from cxr.io import read_json
+
+    space = check_space(params, model)
+    cfg = params["tune"]
+    trials = trials or cfg["trials"]
+    if not (prepared / "dataset.json").is_file():
+        raise CxrError(
+            f"{prepared}/ is missing: tuning reads the prepared train and validation splits; "
+            "run `dvc repro prepare` first."
+        )
+    dataset = read_json(prepared / "dataset.json")
+    want = (params["prepare"]["image_size"], params["data"]["classes"])
+    if (dataset["image_size"], dataset["classes"]) != want:
+        raise CxrError(
+            f"{prepared}/ holds {dataset['image_size']} px images of {dataset['classes']}, "
+            f"but these params train on {want[0]} px images of {want[1]}: run "
+            "`dvc repro prepare` with the same data and prepare settings first."
+        )
+    base = {k: v for k, v in params.items() if k in ("train", "models", "prepare", "data")}
+    name = study_name(model, dataset["fingerprint"], space, {**base, "tune": cfg["epochs"]})
+    url = storage_url(params)
+    journal = journal_dir / f"{model}.journal"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # this module prints its own lines
+    storage = open_storage(url, journal)
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    study = optuna.create_study(
+        study_name=name,
+        storage=storage,
+        direction="minimize",
+        sampler=optuna.samplers.TPESampler(seed=cfg["seed"]),
+        pruner=make_pruner(cfg["pruner"], cfg["epochs"]),
+        load_if_exists=True,
+    )
+    if failed := fail_dead_trials(study):
+        print(f"tune@{model}: trial(s) {failed} of a worker that was killed marked failed")
+    done = _finished(study)
+    print(
+        f"tune@{model}: study {name} in {tracking.redact(url) if url else journal}: "
+        f"{done} of {trials} trials finished; {workers} worker(s)",
+        flush=True,
+    )
+
+    parent = _parent_run(params, model, name, space, url or str(journal), profile)
+    if done < trials:
+        job = {
+            "params": params,
+            "model": model,
+            "prepared": str(prepared),
+            "name": name,
+            "url": url,
+            "journal": str(journal),
+            "trials": trials,
+            "parent": parent,
+            "threads": max(1, cores() // workers),  # the cores split, not oversubscribed
+        }
+        # Each worker its own seed (the same seed would draw the same first trials); the
+        # trials a seeded study draws depend on the order workers finish them anyway.
+        if workers == 1:
+            run_worker({**job, "seed": cfg["seed"] + done})
+        else:
+            _spawn_workers([{**job, "seed": cfg["seed"] + done + k} for k in range(workers)])
+    study = optuna.load_study(study_name=name, storage=open_storage(url, journal))
+    summary = _summarise(study, model, name, profile, parent, params)
+    with mlflow.start_run(run_id=parent):
+        _log_study(study, summary)
+    write_tuned(tuned_dir / f"{model}.yaml", summary)
+    return summary
+
+
+def _finished(study) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
+def _spawn_workers(jobs: list[dict[str, Any]]) -> None:
+    """A process per job (`python -m cxr.tune JOB`); they die with this process."""
+    from cxr.io import worker_dies_with_parent
+
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "cxr.tune", json.dumps(job)],
+            preexec_fn=worker_dies_with_parent,
+        )
+        for job in jobs
+    ]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise CxrError(f"tuning worker(s) failed (exit status {codes}); see their output above.")
+
+
+def _parent_run(params, model, name, space, where, profile) -> str:
+    """The study's MLflow run: found by the study's name, or started."""
+    import mlflow
+
+    from cxr import tracking
+
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    experiment_id = tracking.setup_experiment(params["mlflow"]["experiment"])
+    found = mlflow.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`cxr.tune.study` = '{name}' and tags.`cxr.tune.parent` = 'true'",
+        output_format="list",
+    )
+    if found:
+        return found[0].info.run_id
+    tags = {
+        "cxr.stage": f"tune@{model}",
+        "cxr.tune.study": name,
+        "cxr.tune.parent": "true",
+        "cxr.group": tracking.execution_group(),
+    }
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"tune@{model}", tags=tags) as run:
+        cfg = params["tune"]
+        mlflow.log_params(
+            {
+                "model": model,
+                "sampler": f"TPESampler(seed={cfg['seed']})",
+                "pruner": cfg["pruner"],
+                "epochs_per_trial": cfg["epochs"],
+                "storage": tracking.redact(where),
+                "profile": profile or "none",
+            }
+        )
+        mlflow.log_dict(space, "search_space.json")
+    return run.info.run_id
+
+
+def _summarise(study, model, name, profile, parent, params) -> dict[str, Any]:
+    from optuna.trial import TrialState
+
+    states = {s.name.lower(): 0 for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    for trial in study.get_trials(deepcopy=False):
+        key = trial.state.name.lower()
+        states[key] = states.get(key, 0) + 1
+    best = study.best_trial if states["complete"] else None
+    space = params["tune"]["space"][model]
+    chosen = {}
+    if best is not None:  # the values as params keys, choices decoded
+        for key, value in best.params.items():
+            chosen[f"models.{model}.{key}"] = (
+                json.loads(value) if isinstance(space[key], list) else value
+            )
+    return {
+        "model": model,
+        "study": name,
+        "profile": profile,
+        "mlflow_run_id": parent,
+        "trials": states,
+        "best_trial": best.number if best else None,
+        "val_loss": best.value if best else None,
+        "val_accuracy": best.user_attrs.get("val_accuracy") if best else None,
+        "params": chosen,
+    }
+
+
+def _log_study(study, summary) -> None:
+    """The parent run: best value and params, trial counts, Optuna's figures."""
+    import mlflow
+
+    from cxr.io import pyplot
+
+    if summary["best_trial"] is not None:
+        mlflow.log_metrics(
+            {"best_val_loss": summary["val_loss"], "best_val_accuracy": summary["val_accuracy"]}
+        )
+        mlflow.set_tag("cxr.tune.best_trial", str(summary["best_trial"]))
+        mlflow.log_dict(summary["params"], "best_params.json")
+    mlflow.log_metrics({f"trials_{k}": v for k, v in summary["trials"].items()})
+    import optuna
+    import optuna.visualization.matplotlib as vis
+
+    plt = pyplot()
+    for figure, draw in (
+        ("optimization_history", vis.plot_optimization_history),
+        ("param_importances", vis.plot_param_importances),
+        ("intermediate_values", vis.plot_intermediate_values),
+    ):
+        try:
+            with warnings.catch_warnings():  # "experimental": the figures' look may change
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                axes = draw(study)
+        except (ValueError, RuntimeError):  # too few trials for it
+            continue
+        fig = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+        mlflow.log_figure(fig, f"figures/{figure}.png")
+        plt.close(fig)
+
+
+def write_tuned(path: Path, summary: dict[str, Any]) -> None:
+    """tuned/<model>.yaml: the best configuration as params keys, with where it came from."""
+    from cxr.io import atomic_path
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = summary["model"]
+    header = (
+        f"# Written by `cxr tune {model}`: the best of study {summary['study']} (validation\n"
+        f"# loss; MLflow run {summary['mlflow_run_id']}). Train it through the pipeline:\n"
+        f"#   cxr tune {model} --apply"
+        + (f" --profile {summary['profile']}" if summary["profile"] else "")
+        + "\n"
+    )
+    with atomic_path(path) as tmp:
+        tmp.write_text(header + yaml.safe_dump(summary, sort_keys=False))
+
+
+def read_tuned(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CxrError(f"{path} not found: run `cxr tune {path.stem}` first.")
+    return yaml.safe_load(path.read_text())
+
+
+if __name__ == "__main__":  # a worker of `cxr tune --workers N`
+    from cxr.console import quiet
+
+    quiet()
+    run_worker(json.loads(sys.argv[1]))
