@@ -35,7 +35,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -50,7 +50,7 @@ def remove_stale_scratch(path: Path) -> None:
     crash, a pre-empted machine); a running writer's stay."""
     for old in path.parent.glob(f".{glob.escape(path.stem)}.pid*.tmp"):
         pid = old.name[len(path.stem) + 5 :].split(".", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
 
 

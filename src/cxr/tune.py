@@ -32,8 +32,7 @@ from cxr.errors import CxrError
 from cxr.params import ParamsError, check_params, with_overrides
 
 STORAGE_ENV = "CXR_TUNE_STORAGE"
-# What a trial may change besides the builder's settings: the model's own training keys.
-SEARCHED_TRAINING_KEYS = ("learning_rate", "batch_size", "schedule")
+RANGE_KEYS = {"low", "high", "log", "step"}
 
 
 # --- the search space --------------------------------------------------------------------
@@ -55,16 +54,13 @@ def check_space(params: dict[str, Any], model: str) -> dict[str, Any]:
         raise ParamsError(f"params.yaml: unknown model {model!r}; known: {sorted(MODELS)}.")
     for key, spec in space.items():
         where = f"tune.space.{model}.{key}"
+        if key == "epochs":
+            raise ParamsError(f"params.yaml: {where}: the budget is tune.epochs, not searched.")
         if isinstance(spec, list):
             values = spec
             if not values:
                 raise ParamsError(f"params.yaml: {where} lists no choices.")
-        elif isinstance(spec, dict) and {"low", "high"} <= set(spec) <= {
-            "low",
-            "high",
-            "log",
-            "step",
-        }:
+        elif isinstance(spec, dict) and {"low", "high"} <= set(spec) <= RANGE_KEYS:
             low, high = spec["low"], spec["high"]
             if not all(isinstance(v, int | float) for v in (low, high)) or not low < high:
                 raise ParamsError(f"params.yaml: {where} needs numbers low < high, got {spec}.")
@@ -83,8 +79,6 @@ def check_space(params: dict[str, Any], model: str) -> dict[str, Any]:
                 check_settings(model, trial_params["models"][model])
             except ParamsError as err:
                 raise ParamsError(f"params.yaml: {where}: {value!r} would give: {err}") from err
-        if key.split(".")[0] in ("epochs",):
-            raise ParamsError(f"params.yaml: {where}: the budget is tune.epochs, not searched.")
     return space
 
 
@@ -133,16 +127,6 @@ def open_storage(url: str | None, journal: Path):
     return optuna.storages.JournalStorage(JournalFileBackend(str(journal)))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def fail_dead_trials(study) -> list[int]:
     """Trials left running by a worker of this machine that no longer runs (killed): failed,
     so that the study goes on without them, and their MLflow runs ended KILLED. Another
@@ -150,10 +134,12 @@ def fail_dead_trials(study) -> list[int]:
     import mlflow
     from optuna.trial import TrialState
 
+    from cxr.io import alive
+
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
-        if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+        if host == socket.gethostname() and pid.isdigit() and not alive(int(pid)):
             study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
             failed.append(trial.number)
             if run_id := trial.user_attrs.get("mlflow_run_id"):
@@ -250,6 +236,7 @@ def run_worker(job: dict[str, Any]) -> None:
             run_name=f"tune@{model} trial {trial.number}",
             tags=tags,
             parent_run_id=parent,
+            nested=True,  # under the parent, active in `tune`'s process
         ) as run:  # an exception ends it FAILED; a pruned trial's run ends FINISHED
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             mlflow.log_params({k.split(".", 2)[2]: v for k, v in overrides.items()})
@@ -390,30 +377,35 @@ def tune(
     )
 
     parent = _parent_run(params, model, name, space, url or str(journal), profile)
-    if done < trials:
-        job = {
-            "params": params,
-            "model": model,
-            "prepared": str(prepared),
-            "name": name,
-            "url": url,
-            "journal": str(journal),
-            "trials": trials,
-            "parent": parent,
-            "threads": max(1, cores() // workers),  # the cores split, not oversubscribed
-        }
-        # Each worker its own seed (the same seed would draw the same first trials); the
-        # trials a seeded study draws depend on the order workers finish them anyway.
-        if workers == 1:
-            run_worker({**job, "seed": cfg["seed"] + done})
-        else:
-            _spawn_workers([{**job, "seed": cfg["seed"] + done + k} for k in range(workers)])
-    study = optuna.load_study(study_name=name, storage=open_storage(url, journal))
-    summary = _summarise(study, model, name, profile, parent, params)
-    with mlflow.start_run(run_id=parent):
+    with mlflow.start_run(run_id=parent):  # running while its trials run
+        if done < trials:
+            job = {
+                "params": params,
+                "model": model,
+                "prepared": str(prepared),
+                "name": name,
+                "url": url,
+                "journal": str(journal),
+                "trials": trials,
+                "parent": parent,
+            }
+            _run_workers(job, workers, cfg["seed"] + len(study.trials))
+        study = optuna.load_study(study_name=name, storage=open_storage(url, journal))
+        summary = _summarise(study, model, name, profile, parent, params)
         _log_study(study, summary)
     write_tuned(tuned_dir / f"{model}.yaml", summary)
     return summary
+
+
+def _run_workers(job: dict[str, Any], workers: int, seed: int) -> None:
+    """`workers` workers of `job` (this process when one), each with its share of the cores
+    and its own seed (the same seed would draw the same random first trials; a resumed
+    study passes a new one for the same reason)."""
+    job = {**job, "threads": max(1, cores() // workers)}  # the cores split, not oversubscribed
+    if workers == 1:
+        run_worker({**job, "seed": seed})
+    else:
+        _spawn_workers([{**job, "seed": seed + k} for k in range(workers)])
 
 
 def _finished(study) -> int:
