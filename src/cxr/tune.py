@@ -26,6 +26,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import keras
 import yaml
 
 from cxr.errors import CxrError
@@ -162,29 +163,23 @@ def make_pruner(name: str, epochs: int):
 # --- a worker ----------------------------------------------------------------------------
 
 
-class Reporter:
-    """A Keras callback: each epoch's validation loss to the trial (pruning it when the
-    pruner says so) and the epoch's figures to the trial's MLflow run."""
+class Reporter(keras.callbacks.Callback):
+    """Each epoch's validation loss to the trial (pruning it when the pruner says so), and
+    the epoch's figures to the trial's MLflow run."""
 
-    def __new__(cls, *args, **kwargs):  # a keras.callbacks.Callback, imported late
-        import keras
+    def __init__(self, trial):
+        super().__init__()
+        self.trial = trial
 
-        class _Reporter(keras.callbacks.Callback):
-            def __init__(self, trial):
-                super().__init__()
-                self.trial = trial
+    def on_epoch_end(self, epoch, logs=None):
+        import mlflow
+        import optuna
 
-            def on_epoch_end(self, epoch, logs=None):
-                import mlflow
-                import optuna
-
-                logs = {k: float(v) for k, v in (logs or {}).items() if k != "learning_rate"}
-                mlflow.log_metrics(logs, step=epoch + 1)
-                self.trial.report(logs["val_loss"], epoch + 1)
-                if self.trial.should_prune():
-                    raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}")
-
-        return _Reporter(*args, **kwargs)
+        logs = {k: float(v) for k, v in (logs or {}).items() if k != "learning_rate"}
+        mlflow.log_metrics(logs, step=epoch + 1)
+        self.trial.report(logs["val_loss"], epoch + 1)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}")
 
 
 def run_worker(job: dict[str, Any]) -> None:
@@ -376,7 +371,7 @@ def tune(
         flush=True,
     )
 
-    parent = _parent_run(params, model, name, space, url or str(journal), profile)
+    parent = _parent_run(params, model, name, space, url or str(journal.resolve()), profile)
     with mlflow.start_run(run_id=parent):  # running while its trials run
         if done < trials:
             job = {
@@ -431,16 +426,18 @@ def _spawn_workers(jobs: list[dict[str, Any]]) -> None:
 
 
 def _parent_run(params, model, name, space, where, profile) -> str:
-    """The study's MLflow run: found by the study's name, or started."""
+    """The study's MLflow run: found by the study's name and storage, or started."""
     import mlflow
 
     from cxr import tracking
 
     mlflow.set_tracking_uri(tracking.tracking_uri())
     experiment_id = tracking.setup_experiment(params["mlflow"]["experiment"])
+    where = tracking.redact(where).replace("'", "")  # a filter value: no quotes
     found = mlflow.search_runs(
         [experiment_id],
-        filter_string=f"tags.`cxr.tune.study` = '{name}' and tags.`cxr.tune.parent` = 'true'",
+        filter_string=f"tags.`cxr.tune.study` = '{name}' and tags.`cxr.tune.parent` = 'true' "
+        f"and tags.`cxr.tune.storage` = '{where}'",
         output_format="list",
     )
     if found:
@@ -449,6 +446,7 @@ def _parent_run(params, model, name, space, where, profile) -> str:
         "cxr.stage": f"tune@{model}",
         "cxr.tune.study": name,
         "cxr.tune.parent": "true",
+        "cxr.tune.storage": where,
         "cxr.group": tracking.execution_group(),
     }
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"tune@{model}", tags=tags) as run:
@@ -459,7 +457,7 @@ def _parent_run(params, model, name, space, where, profile) -> str:
                 "sampler": f"TPESampler(seed={cfg['seed']})",
                 "pruner": cfg["pruner"],
                 "epochs_per_trial": cfg["epochs"],
-                "storage": tracking.redact(where),
+                "storage": where,
                 "profile": profile or "none",
             }
         )
