@@ -76,10 +76,9 @@ def tune_repo(tmp_path_factory):
 
 def _study(repo):
     import optuna
-
-    (journal,) = (repo / "tuning").glob("cnn.journal")
     from optuna.storages.journal import JournalFileBackend
 
+    journal = repo / "tuning" / "cnn.journal"
     storage = optuna.storages.JournalStorage(JournalFileBackend(str(journal)))
     (summary,) = optuna.get_all_study_summaries(storage)
     return optuna.load_study(study_name=summary.study_name, storage=storage)

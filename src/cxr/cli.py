@@ -46,6 +46,14 @@ def profile_command(
     overrides = dict(params[name])
     if archive is not None:
         overrides.update({"data.source": "archive", "data.archive": str(archive.resolve())})
+    return checked_exp_run_command(params, overrides, params_path)
+
+
+def checked_exp_run_command(
+    params: dict, overrides: dict, params_path: Path = Path("params.yaml")
+) -> list[str]:
+    """exp_run_command(overrides), after checking params with the overrides applied (every
+    model's settings against its builder included): a bad value fails before DVC starts."""
     effective = check_params(with_overrides(params, overrides))
     from cxr.models import check_settings  # imports Keras: only here, not in every stage
 
@@ -152,12 +160,9 @@ def tune(args: argparse.Namespace) -> int:
         if wins:
             print(f"tuned values win over profile {args.profile} for: {', '.join(wins)}")
         overrides.update(tuned["params"])
-        effective = check_params(with_overrides(params, overrides))
-        from cxr.models import check_settings
-
-        check_settings(args.model, effective["models"][args.model])
         check_data_folder()
-        command = exp_run_command(overrides) + ["-n", f"tuned-{args.model}", *args.dvc_args]
+        command = checked_exp_run_command(params, overrides)
+        command += ["-n", f"tuned-{args.model}", *args.dvc_args]
         print("+", shlex.join(command), flush=True)
         return 0 if args.dry_run else subprocess.call(command)
     from cxr.tune import tune as run_study

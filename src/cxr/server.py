@@ -50,10 +50,6 @@ def reason_only(message: str) -> str:
     return message if len(message) <= MAX_REASON else message[:MAX_REASON] + " [...]"
 
 
-def _json_reply(status: int, body: dict) -> tuple[int, bytes]:
-    return status, json.dumps(body).encode()
-
-
 class Guard:
     """ASGI middleware: body cap before parsing, payload-free error answers."""
 
@@ -61,14 +57,11 @@ class Guard:
         self.app, self.max_body = app, max_body
 
     def _too_large(self, size: str) -> tuple[int, bytes]:
-        return _json_reply(
-            400,
-            {
-                "error_code": "BAD_REQUEST",
-                "message": f"the request body ({size}) is over the limit of {self.max_body:,} "
-                "bytes (cxr serve --max-body-mb); send fewer or smaller images per request.",
-            },
+        message = (
+            f"the request body ({size}) is over the limit of {self.max_body:,} bytes "
+            "(cxr serve --max-body-mb); send fewer or smaller images per request."
         )
+        return 400, json.dumps({"error_code": "BAD_REQUEST", "message": message}).encode()
 
     async def __call__(self, scope: Scope, receive, send) -> None:
         if scope["type"] != "http":

@@ -385,7 +385,6 @@ def tune(
                 "parent": parent,
             }
             _run_workers(job, workers, cfg["seed"] + len(study.trials))
-        study = optuna.load_study(study_name=name, storage=open_storage(url, journal))
         summary = _summarise(study, model, name, profile, parent, params)
         _log_study(study, summary)
     write_tuned(tuned_dir / f"{model}.yaml", summary)
