@@ -25,8 +25,13 @@ data: install
 demo: data
 	cxr demo
 
+# Then the training, evaluation and serving tests again on Keras' JAX backend (unit level;
+# each pytest run prints its time).
+JAX_TESTS := tests/test_augment.py tests/test_backends.py tests/test_fit.py \
+	tests/test_checkpoint.py tests/test_models.py tests/test_serving.py
 test: data
 	pytest
+	KERAS_BACKEND=jax pytest -m "not e2e" $(JAX_TESTS)
 
 lint: install
 	ruff check .

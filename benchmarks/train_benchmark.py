@@ -4,8 +4,8 @@
         [--batch-size 32] [--steps 12] [--warmup 3] [--augment | --no-augment]
         [--workdir DIR] [--out docs/benchmarks.json]
 
-(a) input pipeline alone: the train stage's tf.data pipeline (cached uint8 arrays, shuffle,
-    batch), iterated without a model;
+(a) input pipeline alone: the train stage's input (cached uint8 arrays, shuffle, batch:
+    tf.data on TensorFlow, cxr.fit.ArrayBatches on JAX), iterated without a model;
 (b) compute ceiling: training steps on one batch already in memory (no pipeline);
 (c) the train stage's loop: cxr.fit.fit, as `stages/train.py` calls it;
 (d) the study's way: PNG files decoded and resized every epoch by
@@ -16,6 +16,7 @@ execution and threads and the same batch size. Each side is timed in steady stat
 `--warmup` steps (tracing, XLA). Prints a markdown table with (c)/(b), the pipeline's
 efficiency, (c)/(d), the speed-up over decoding files every epoch, and how busy
 the CPU cores were during (c). Phantoms are written once into --workdir and reused.
+The Keras backend is KERAS_BACKEND's (tensorflow or jax): run it once with each to compare.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import tensorflow as tf  # noqa: E402  (the study's PNG loader, (d); TensorFlow's own (b))
 
+from cxr import backend  # noqa: E402
 from cxr.cache import split_arrays  # noqa: E402
 from cxr.classes import DATASET_DIR, LABELS  # noqa: E402
 from cxr.fit import (  # noqa: E402
@@ -99,6 +101,22 @@ def fit_rate(model, dataset, steps: int, warmup: int, batch: int) -> tuple[float
     return timed(timer, warmup, batch * per_call)
 
 
+def one_batch(x: np.ndarray, y: np.ndarray):
+    """The same batch, already on the device, for ever: a dataset with no input cost."""
+    if backend.name() == "tensorflow":
+        return tf.data.Dataset.from_tensors((tf.constant(x), tf.constant(y))).repeat()
+    xb, yb = keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(y)
+
+    class Same(keras.utils.PyDataset):
+        def __len__(self):
+            return 1_000_000
+
+        def __getitem__(self, index):
+            return xb, yb
+
+    return Same()
+
+
 def bench_model(name, params, png_root, prepared, args) -> dict:
     cfg, builder_cfg = settings_for(name, params)
     accel = accelerator_settings(cfg)
@@ -117,21 +135,17 @@ def bench_model(name, params, png_root, prepared, args) -> dict:
         return build_for_training(name, cfg, builder_cfg, x.shape[1:], n_classes, n_steps, accel)
 
     # (a) the stage's input pipeline alone
-    pipeline = make_dataset(x, y, batch, True, 0).repeat()
+    pipeline = make_dataset(x, y, batch, True, 0, steps=n_steps * 2)
     ends = []
-    for _ in pipeline.take(n_steps * 2):
+    if hasattr(pipeline, "take"):  # tf.data
+        batches = pipeline.take(n_steps * 2)
+    else:
+        batches = (pipeline[i] for i in range(n_steps * 2))
+    for _ in batches:
         ends.append(time.perf_counter())
     a = steady_rate(ends, batch, args.warmup)
     # (b) compute ceiling: one batch in memory (on the device), no pipeline
-    xb = tf.constant(x[:batch])
-    yb = tf.constant(y[:batch])
-    b, _ = fit_rate(
-        fresh_model(),
-        tf.data.Dataset.from_tensors((xb, yb)).repeat(),
-        args.steps,
-        args.warmup,
-        batch,
-    )
+    b, _ = fit_rate(fresh_model(), one_batch(x[:batch], y[:batch]), args.steps, args.warmup, batch)
     # (c) the train stage's loop: cxr.fit.fit, as the stage calls it
     timer = BatchTimer()
     fit(
@@ -170,6 +184,7 @@ def bench_model(name, params, png_root, prepared, args) -> dict:
         "efficiency": round(c / b, 3),
         "speedup": round(c / d, 2),
         "cpu_busy": round(busy, 2),
+        "backend": accel["backend"],
         "policy": accel["policy"],
         "deterministic": accel["deterministic"],
         "jit_compile": accel["jit_compile"],
@@ -208,10 +223,16 @@ def main() -> None:
     png_root, prepared = data(
         args.workdir, args.image_size, args.batch_size * (args.steps + args.warmup) * 2
     )
-    devices = [d.device_type for d in tf.config.list_physical_devices()]
+    if backend.name() == "jax":
+        import jax
+
+        devices = [d.platform for d in jax.devices()]
+    else:
+        devices = [d.device_type for d in tf.config.list_physical_devices()]
     print(
-        f"# {platform.node()}: {os.cpu_count()} CPUs, devices {devices}, TF {tf.__version__}, "
-        f"{args.image_size} px, batch {args.batch_size}, {args.steps} timed steps after "
+        f"# {platform.node()}: {os.cpu_count()} CPUs, Keras {keras.__version__} on "
+        f"{backend.name()}, devices {devices}, {args.image_size} px, "
+        f"batch {args.batch_size}, {args.steps} timed steps after "
         f"{args.warmup}, augmentation {'on' if args.augment else 'off'}\n"
     )
     columns = ["(a) pipeline", "(b) in memory", "(c) train stage", "(d) PNG every epoch"]

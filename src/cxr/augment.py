@@ -8,8 +8,9 @@ it varies brightness and contrast. It runs as the first layer of the *training* 
 Why not keras.layers.RandomRotation & co.: those resample once per layer (three bilinear
 passes blur the image three times), run on the host when placed in tf.data (they share the
 CPU with the training step and starve a GPU), and mark a model as not XLA-compilable
-(`jit_compile` falls back to off). This layer is plain tensor arithmetic and one batched
-gather, so it compiles with the step and costs a few percent of it.
+(`jit_compile` falls back to off). This layer is plain `keras.ops` arithmetic and one
+batched gather, so it runs on any Keras backend, compiles with the step and costs a few
+percent of it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import math
 from typing import Any
 
 import keras
+from keras import ops
 
 KEYS = ("rotation", "shift", "zoom", "brightness", "contrast", "flip")
 
@@ -50,38 +52,44 @@ class RandomRadiograph(keras.layers.Layer):
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def call(self, images, training=None):
-        import tensorflow as tf
-
-        images = tf.cast(images, tf.float32)
+        images = ops.cast(images, "float32")
         if not training:
             return images
-        batch = tf.shape(images)[0]
+        batch = ops.shape(images)[0]
+        draws = keras.random.uniform((batch, 6), -1.0, 1.0, seed=self.seed_generator)
+        factor = None
+        if self.contrast:
+            factor = 1.0 + keras.random.uniform(
+                (batch, 1, 1, 1), -self.contrast, self.contrast, seed=self.seed_generator
+            )
+        return self.transform(images, draws, factor)
+
+    def transform(self, images, draws, factor=None):
+        """The augmentation of float32 `images` (B, H, W, C) for given random draws: `draws`
+        (B, 6) uniform in [-1, 1] (rotation, zoom, flip, x shift, y shift, brightness) and
+        `factor` (B, 1, 1, 1), the contrast factors (used when `contrast` is set)."""
         height, width = images.shape[1], images.shape[2]
-        u = keras.random.uniform((batch, 6), -1.0, 1.0, seed=self.seed_generator)
-        angle = u[:, 0] * (self.rotation * 2 * math.pi)
-        scale = 1.0 + u[:, 1] * self.zoom
-        flip = tf.where(u[:, 2] < 0, -1.0, 1.0) if self.flip else tf.ones_like(u[:, 2])
-        dx, dy = u[:, 3] * (self.shift * width), u[:, 4] * (self.shift * height)
+        angle = draws[:, 0] * (self.rotation * 2 * math.pi)
+        scale = 1.0 + draws[:, 1] * self.zoom
+        flip = ops.where(draws[:, 2] < 0, -1.0, 1.0) if self.flip else ops.ones_like(draws[:, 2])
+        dx, dy = draws[:, 3] * (self.shift * width), draws[:, 4] * (self.shift * height)
         # Output pixel p takes the input at c + scale * R(angle) * F * (p - c) - shift, where c
         # is the centre and F the optional flip: one map, one resampling.
-        cos, sin = tf.cos(angle) * scale, tf.sin(angle) * scale
+        cos, sin = ops.cos(angle) * scale, ops.sin(angle) * scale
         cy, cx = (height - 1) / 2.0, (width - 1) / 2.0
-        ys = tf.range(height, dtype=tf.float32)[None, :, None] - cy
-        xs = tf.range(width, dtype=tf.float32)[None, None, :] - cx
+        ys = ops.arange(height, dtype="float32")[None, :, None] - cy
+        xs = ops.arange(width, dtype="float32")[None, None, :] - cx
         cos, sin = cos[:, None, None], sin[:, None, None]
         fx = xs * flip[:, None, None]
         src_x = cx + cos * fx - sin * ys - dx[:, None, None]
         src_y = cy + sin * fx + cos * ys - dy[:, None, None]
         out = _bilinear(images, src_y, src_x)
         if self.brightness:
-            out = out + (u[:, 5] * (self.brightness * 255.0))[:, None, None, None]
+            out = out + (draws[:, 5] * (self.brightness * 255.0))[:, None, None, None]
         if self.contrast:
-            factor = 1.0 + keras.random.uniform(
-                (batch, 1, 1, 1), -self.contrast, self.contrast, seed=self.seed_generator
-            )
-            mean = tf.reduce_mean(out, axis=(1, 2), keepdims=True)
+            mean = ops.mean(out, axis=(1, 2), keepdims=True)
             out = (out - mean) * factor + mean
-        return tf.clip_by_value(out, 0.0, 255.0)
+        return ops.clip(out, 0.0, 255.0)
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -96,24 +104,23 @@ class RandomRadiograph(keras.layers.Layer):
 
 def _bilinear(images, src_y, src_x):
     """Sample (B, H, W, C) `images` at (B, H, W) float coordinates; 0 outside the image."""
-    import tensorflow as tf
-
     height, width, channels = images.shape[1], images.shape[2], images.shape[3]
-    flat = tf.reshape(images, (tf.shape(images)[0], height * width, channels))
-    y0, x0 = tf.floor(src_y), tf.floor(src_x)
+    flat = ops.reshape(images, (-1, height * width, channels))
+    y0, x0 = ops.floor(src_y), ops.floor(src_x)
     wy, wx = src_y - y0, src_x - x0
     out = 0.0
     for oy, ox, weight in ((0, 0, (1 - wy) * (1 - wx)), (0, 1, (1 - wy) * wx),
                            (1, 0, wy * (1 - wx)), (1, 1, wy * wx)):  # fmt: skip
         y, x = y0 + oy, x0 + ox
         inside = (y >= 0) & (y <= height - 1) & (x >= 0) & (x <= width - 1)
-        index = tf.cast(
-            tf.clip_by_value(y, 0, height - 1) * width + tf.clip_by_value(x, 0, width - 1),
-            tf.int32,
+        index = ops.cast(
+            ops.clip(y, 0, height - 1) * width + ops.clip(x, 0, width - 1),
+            "int32",
         )
-        pixels = tf.gather(flat, tf.reshape(index, (-1, height * width)), batch_dims=1)
-        weight = tf.where(inside, weight, 0.0)
-        out += tf.reshape(pixels, tf.shape(images)) * weight[..., None]
+        index = ops.repeat(ops.reshape(index, (-1, height * width, 1)), channels, axis=2)
+        pixels = ops.take_along_axis(flat, index, axis=1)
+        weight = ops.where(inside, weight, 0.0)
+        out += ops.reshape(pixels, (-1, height, width, channels)) * weight[..., None]
     return out
 
 

@@ -42,7 +42,7 @@ class Checkpoint:
 
     def load(self) -> Resume | None:
         """Where the killed training stopped, or None when nothing was saved or the saved
-        model cannot be read (then the training starts over). Call under the strategy's
+        model cannot be read (then the training starts over). Call under the distribution's
         scope the training runs in."""
         state_path = self.folder / "state.json"
         if not state_path.is_file():

@@ -25,9 +25,14 @@ def grad_cam(model, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(heatmaps in [0, 1] at the images' size, probabilities) for the predicted class.
 
     The feature map is the last 4-D output of the model's top-level graph: the base's output
-    for the transfer models, the last conv block for the CNNs."""
+    for the transfer models, the last conv block for the CNNs. The model is cut there into
+    a body (images to feature maps) and a head (feature maps to probabilities), and the
+    predicted class's log-probability is differentiated with respect to the feature maps
+    by the backend (cxr.backend.value_and_grad); the rest is keras.ops."""
     import keras
-    import tensorflow as tf
+    from keras import ops
+
+    from cxr.backend import value_and_grad
 
     target = [layer for layer in model.layers if len(layer.output.shape) == 4][-1]
     # The tensor of the layer's call in this graph: for a nested base model, `.output` is
@@ -35,20 +40,24 @@ def grad_cam(model, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # public way to it (no get_output_at): the private `_inbound_nodes`, pinned by
     # tests/test_private_apis.py, which fails when `.output` becomes usable here.
     features = target._inbound_nodes[-1].output_tensors[0]
-    grad_model = keras.Model(model.inputs, [features, model.output])
-    x = tf.convert_to_tensor(images, tf.float32)
-    with tf.GradientTape() as tape:
-        features, probs = grad_model(x, training=False)
-        features = tf.cast(features, tf.float32)
-        chosen = tf.argmax(probs, axis=1)
-        # log-probability: its gradient does not vanish when the softmax saturates
-        score = tf.math.log(tf.gather(probs, chosen, batch_dims=1) + 1e-7)
-    grads = tape.gradient(score, features)
-    weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
-    cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))
-    cam = cam / (tf.reduce_max(cam, axis=(1, 2), keepdims=True) + 1e-7)
-    cam = tf.image.resize(cam[..., None], images.shape[1:3], method="bilinear")[..., 0]
-    return cam.numpy(), probs.numpy()
+    body = keras.Model(model.inputs, features)
+    head = keras.Model(features, model.output)
+    maps = ops.cast(body(ops.convert_to_tensor(images, "float32"), training=False), "float32")
+
+    def score(maps):
+        probs = ops.cast(head(maps, training=False), "float32")
+        chosen = ops.argmax(probs, axis=1)
+        # log-probability: its gradient does not vanish when the softmax saturates. Each
+        # image's score depends on its own maps only: the sum's gradient is each one's.
+        picked = ops.take_along_axis(probs, chosen[:, None], axis=1)
+        return ops.sum(ops.log(picked + 1e-7)), probs
+
+    (_, probs), grads = value_and_grad(score, maps)
+    weights = ops.mean(grads, axis=(1, 2), keepdims=True)
+    cam = ops.relu(ops.sum(weights * maps, axis=-1))
+    cam = cam / (ops.max(cam, axis=(1, 2), keepdims=True) + 1e-7)
+    cam = ops.image.resize(cam[..., None], images.shape[1:3], interpolation="bilinear")[..., 0]
+    return ops.convert_to_numpy(cam), ops.convert_to_numpy(probs)
 
 
 def plot_confusion(conf: np.ndarray, classes: list[str], path: Path, title: str) -> None:

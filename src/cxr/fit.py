@@ -16,6 +16,8 @@ from typing import Any
 import keras
 import numpy as np
 
+from cxr import backend
+
 
 def settings_for(name: str, params: dict[str, Any]) -> tuple[dict, dict]:
     """(training settings with the model's overrides applied, builder kwargs) of `name`."""
@@ -28,64 +30,94 @@ def settings_for(name: str, params: dict[str, Any]) -> tuple[dict, dict]:
 
 
 def accelerator_settings(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Resolve the `auto` settings from the visible devices; set TensorFlow's CPU threads.
+    """Resolve the `auto` settings from the Keras backend (cxr.backend) and its devices.
 
     Threads (`threads`): every core this process may use (its CPU affinity, which follows
-    taskset and container CPU sets, not the host's count), for both of TensorFlow's thread
-    pools; set before TensorFlow starts its runtime (in a process where it has already
-    started, the running pools stay). Mixed precision: bfloat16 on GPUs that have it (compute
+    taskset and container CPU sets, not the host's count); TensorFlow's two pools are set
+    before its runtime starts. Mixed precision: bfloat16 on GPUs that have it (compute
     capability 8.0+), else float16; off on CPU. Deterministic ops: on without a GPU, off
-    with one. XLA (jit_compile): on with a GPU, and never with deterministic ops (Keras 3
-    on TensorFlow turns it off then; resolving it here keeps the logged value true).
-    `steps_per_execution`: 32 batches per compiled call with a GPU (one host round trip per
-    32 steps), 1 on CPU (no gain there, and per-batch progress stays exact). Several GPUs:
-    MirroredStrategy."""
-    import tensorflow as tf
-
+    with one (measured on an H200 with JAX: determinism costs 40-70 % of the speed).
+    XLA (jit_compile): on with a GPU; on TensorFlow never with deterministic ops (Keras 3
+    turns it off then; resolving it here keeps the logged value true); on JAX always unless
+    set false (JAX without XLA runs op by op). `steps_per_execution`: 32 batches per
+    compiled call with a GPU (one host round trip per 32 steps), 1 on CPU (no gain there,
+    and per-batch progress stays exact). Several devices: `distribution` (cxr.backend)."""
+    if cfg["deterministic"] is True:
+        backend.request_determinism()  # before JAX starts: XLA reads its flags once
     threads = len(os.sched_getaffinity(0)) if cfg["threads"] == "auto" else cfg["threads"]
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
-    except RuntimeError:  # the runtime already runs (tests, notebooks): keep its pools
-        threads = tf.config.threading.get_intra_op_parallelism_threads() or threads
-    gpus = tf.config.list_physical_devices("GPU")
+    threads = backend.set_threads(threads)
+    gpus = backend.gpu_capabilities()
     policy = "float32"
     if cfg["mixed_precision"] == "on" or (cfg["mixed_precision"] == "auto" and gpus):
-        major = 0
-        if gpus:
-            details = tf.config.experimental.get_device_details(gpus[0])
-            major = (details.get("compute_capability") or (0, 0))[0]
-        policy = "mixed_bfloat16" if not gpus or major >= 8 else "mixed_float16"
+        policy = "mixed_bfloat16" if not gpus or min(gpus) >= 8 else "mixed_float16"
     deterministic = cfg["deterministic"]
     deterministic = not gpus if deterministic == "auto" else bool(deterministic)
     jit = cfg["jit_compile"]
-    jit = (bool(gpus) if jit == "auto" else bool(jit)) and not deterministic
+    if backend.name() == "jax":
+        jit = jit in ("auto", True)
+    else:
+        jit = (bool(gpus) if jit == "auto" else bool(jit)) and not deterministic
     steps = cfg["steps_per_execution"]
     steps = (32 if gpus else 1) if steps == "auto" else steps
-    logical = tf.config.list_logical_devices("GPU")
-    strategy = (
-        tf.distribute.MirroredStrategy() if len(logical) > 1 else (tf.distribute.get_strategy())
-    )
+    dist = backend.distribution()
     return {
+        "backend": backend.name(),
         "policy": policy,
         "deterministic": deterministic,
         "jit_compile": jit,
         "steps_per_execution": steps,
         "threads": threads,
-        "strategy": strategy,
+        "distribution": dist,
+        "replicas": backend.replicas(dist),
         "gpus": len(gpus),
     }
 
 
-def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int):
-    """tf.data over the cached uint8 arrays, shuffled for training. No per-image work on the
-    host: augmentation runs inside the training step (cxr.augment)."""
+def make_dataset(
+    x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int, steps: int = 0
+):
+    """Batches of the cached uint8 arrays, shuffled for training, for the backend that runs:
+    tf.data on TensorFlow (its own prefetching thread), `ArrayBatches` on the others (Keras
+    puts each batch on the device one step ahead). `steps`: epochs of that many batches,
+    running on through the data (benchmarks; pass the same `steps_per_epoch` to fit). No
+    per-image work on the host: augmentation runs inside the training step (cxr.augment)."""
+    if keras.backend.backend() != "tensorflow":
+        return ArrayBatches(x, y, batch_size, shuffle, seed, steps)
     import tensorflow as tf
 
     ds = tf.data.Dataset.from_tensor_slices((x, y))
     if shuffle:
         ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size)
+    return (ds.repeat() if steps else ds).prefetch(tf.data.AUTOTUNE)
+
+
+class ArrayBatches(keras.utils.PyDataset):
+    """uint8 image batches with their labels, in a new seeded order each epoch when
+    `shuffle`; the last batch may be short. `steps` (benchmarks) sets the epoch's length,
+    wrapping around the data. Each epoch's order is one contiguous copy made when the
+    epoch ends, so a batch is a slice of it, not a gather."""
+
+    def __init__(self, x, y, batch_size: int, shuffle: bool, seed: int, steps: int = 0):
+        super().__init__()
+        self.x, self.y, self.batch_size, self.shuffle = x, y, batch_size, shuffle
+        self.full = int(np.ceil(len(x) / batch_size))
+        self.steps = steps or self.full
+        self.rng = np.random.default_rng(seed)
+        self.xs, self.ys = x, y
+        self.on_epoch_end()
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, index: int):
+        start = (index % self.full) * self.batch_size
+        return self.xs[start : start + self.batch_size], self.ys[start : start + self.batch_size]
+
+    def on_epoch_end(self) -> None:
+        if self.shuffle:
+            order = self.rng.permutation(len(self.x))
+            self.xs, self.ys = self.x[order], self.y[order]
 
 
 def class_weights(y: np.ndarray, n_classes: int) -> dict[int, float]:
@@ -110,16 +142,14 @@ def oversample(y: np.ndarray, n_classes: int, seed: int) -> np.ndarray:
 
 
 def set_runtime(seed: int, accel: dict[str, Any]) -> None:
-    """Seed Keras, NumPy and TensorFlow; turn TensorFlow's op determinism on when accel says
-    so and set the precision policy: what fit does before it builds a model. TensorFlow has
-    no public way to turn determinism off again: in a process where a deterministic training
+    """Seed Keras, NumPy and the backend; turn deterministic ops on when accel says so and
+    set the precision policy: what fit does before it builds a model. TensorFlow has no
+    public way to turn determinism off again: in a process where a deterministic training
     ran, later ones stay deterministic (and so without XLA; the stage runs one training
     per process, and LogRuntime logs what the model really does)."""
-    import tensorflow as tf
-
     keras.utils.set_random_seed(seed)
     if accel["deterministic"]:
-        tf.config.experimental.enable_op_determinism()
+        backend.make_deterministic()
     keras.mixed_precision.set_dtype_policy(accel["policy"])
 
 
@@ -136,7 +166,7 @@ def build_for_training(
     front of the built architecture, Adam at cfg's learning rate (cosine-decayed over
     `epochs * steps_per_epoch` steps with `schedule: cosine`), sparse cross-entropy and
     accuracy, with the resolved XLA and steps-per-execution settings. Build it under
-    accel's strategy scope."""
+    `backend.scope(accel["distribution"])`."""
     from cxr.augment import make_augmenter, training_model
     from cxr.models import build_model
 
@@ -252,13 +282,11 @@ def fit(
     elif cfg["imbalance"] == "oversample":
         keep = oversample(y_train, n_classes, cfg["seed"])
         x_train, y_train = x_train[keep], y_train[keep]
-    batch = cfg["batch_size"] * accel["strategy"].num_replicas_in_sync
-    train_ds = make_dataset(x_train, y_train, batch, True, cfg["seed"])
-    if steps_per_epoch:
-        train_ds = train_ds.repeat()
+    batch = cfg["batch_size"] * accel["replicas"]
+    train_ds = make_dataset(x_train, y_train, batch, True, cfg["seed"], steps_per_epoch or 0)
     val_ds = make_dataset(*val, batch, False, cfg["seed"])
     if resume is None:
-        with accel["strategy"].scope():
+        with backend.scope(accel["distribution"]):
             steps = steps_per_epoch or int(np.ceil(len(x_train) / batch))
             fitted = build_for_training(
                 name, cfg, builder_cfg, x_train.shape[1:], n_classes, steps, accel

@@ -10,7 +10,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from cxr import tracking
+from cxr import backend, tracking
 from cxr.cache import split_arrays
 from cxr.checkpoint import Checkpoint
 from cxr.fit import Fitted, accelerator_settings, early_stopping, fit, settings_for
@@ -90,7 +90,7 @@ def train(
 
     phases = Phases(f"train@{name}")
     cfg, builder_cfg = settings_for(name, params)
-    accel = accelerator_settings(cfg)  # first: thread pools are set before TensorFlow starts
+    accel = accelerator_settings(cfg)  # first: threads and XLA flags are set before start
     check_settings(name, params["models"][name])  # before any data is read
     x_train, y_train, summary = split_arrays(prepared, "train")
     x_val, y_val, _ = split_arrays(prepared, "val")
@@ -100,10 +100,10 @@ def train(
     checkpoint = Checkpoint(
         repo_root() / ".cache" / "checkpoints",
         name,
-        [cfg, builder_cfg, summary["fingerprint"]],
+        [cfg, builder_cfg, summary["fingerprint"], accel["backend"]],
     )
     resumed = checkpoint.run_id
-    with accel["strategy"].scope():
+    with backend.scope(accel["distribution"]):
         resume = checkpoint.load() if resumed else None
     if resumed and (resume is None or tracking.find_run(resumed) is None):
         checkpoint.remove()  # nothing usable to resume, or its run is not in this store
@@ -113,6 +113,7 @@ def train(
     stopper = early_stopping(cfg, resume)
     saver = checkpoint.saver(resume.history if resume else {}, cfg["checkpoint_seconds"], stopper)
     experiment = params["mlflow"]["experiment"]
+    backend.hide_gpus_from_tensorflow()  # TensorBoard's summaries start TensorFlow
     with tracking.start_run(experiment, name, tags, resumed, system_metrics=True) as run:
         checkpoint.start(run.info.run_id)
         if resume:
@@ -182,8 +183,9 @@ def run_params(
         "data.image_size": summary["image_size"],
         "data.n_train": sizes[0],
         "data.n_val": sizes[1],
+        "runtime.backend": accel["backend"],
         "runtime.deterministic": accel["deterministic"],
-        "runtime.replicas": accel["strategy"].num_replicas_in_sync,
+        "runtime.replicas": accel["replicas"],
         "runtime.threads": accel["threads"],
     }
 
