@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,9 @@ class EpochCheckpoint(EpochHistory):
                         np.savez(f, **{f"w{i}": w for i, w in enumerate(weights)})
                 stopping["best_weights"] = best.name
             state["early_stopping"] = stopping
+        mlflow = sys.modules.get("mlflow")
+        if mlflow is not None:  # MlflowCallback (before this one) logs asynchronously: the
+            mlflow.flush_async_logging()  # epoch's metrics reach MLflow before it is "done"
         write_json(self.folder / "state.json", state)  # the commit point: all of it or none
         for old in [*self.folder.glob("epoch-*.keras"), *self.folder.glob("best-*.npz")]:
             if old.name not in (path.name, state.get("early_stopping", {}).get("best_weights")):

@@ -141,8 +141,8 @@ def train(
             accel,
             callbacks=[
                 LogRuntime(),
-                saver,
                 mlflow.keras.MlflowCallback(),
+                saver,  # after MLflow's: a checkpoint's epochs are in the run
                 keras.callbacks.TensorBoard(str(out_dir / "tensorboard")),
             ],
             resume=resume,
