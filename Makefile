@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # DVC runs each stage's `python ...` through the shell: put the venv first on PATH.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install data demo test lint
+.PHONY: install data demo test lint gpu-wheels
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -36,3 +36,11 @@ test: data
 lint: install
 	ruff check .
 	ruff format --check .
+
+# Wheels that benchmarks/gpu_check.py needs on a lent GPU machine (Python 3.12, JAX with CUDA,
+# no Keras): Keras and what it imports that such a machine may lack, at the locked versions.
+gpu-wheels: install
+	$(VENV)/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -c requirements.lock \
+		-d .gpu-wheels keras namex optree pyyaml typing_extensions rich markdown-it-py mdurl \
+		pygments absl-py

@@ -1,8 +1,9 @@
 """GPU check of the train stage, sized for one short lent-GPU session (under 8 minutes).
 
-Needs only what the lent GPU machines have (JAX with CUDA, numpy, scipy, pillow, PyYAML)
-plus the Keras wheels carried there (docs/benchmarks.md, "GPU check", has the recipe); it
-imports the project from src/ without installing it (no TensorFlow, MLflow or DVC):
+Needs only what the lent GPU machines have (Python 3.12, JAX with CUDA, numpy, scipy,
+pillow) plus the wheels `make gpu-wheels` downloads to carry there (Keras, PyYAML and what
+they import; docs/benchmarks.md, "GPU check", has the recipe); it imports the project from
+src/ without installing it (no TensorFlow, MLflow or DVC):
 
     KERAS_BACKEND=jax python benchmarks/gpu_check.py OUT.json [--size 224] [--batch 256]
         [--steps 96] [--models resnet50v2 cnn4_bn ...] [--budget 420]

@@ -81,7 +81,7 @@ def make_dataset(
     puts each batch on the device one step ahead). `steps`: epochs of that many batches,
     running on through the data (benchmarks; pass the same `steps_per_epoch` to fit). No
     per-image work on the host: augmentation runs inside the training step (cxr.augment)."""
-    if keras.backend.backend() != "tensorflow":
+    if backend.name() != "tensorflow":
         return ArrayBatches(x, y, batch_size, shuffle, seed, steps)
     import tensorflow as tf
 
