@@ -28,7 +28,16 @@ def test_every_architecture_has_settings_here():
     )
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+# On JAX (CI's second pass) VGG16/19 add nothing to cnn6_bn's layers but 30 s of XLA compiles
+# on 2 cores; their from-scratch set-up is checked below on both backends.
+BUILT = (
+    sorted(MODELS)
+    if keras.backend.backend() == "tensorflow"
+    else sorted(set(MODELS) - {"vgg16", "vgg19"})
+)
+
+
+@pytest.mark.parametrize("name", BUILT)
 def test_builder_trains_on_raw_grey_and_reloads_in_safe_mode(name, tmp_path):
     model = build_model(name, (32, 32, 1), 4, **SETTINGS[name])
     assert model.output.dtype == "float32" and model.output.shape == (None, 4)

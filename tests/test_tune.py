@@ -182,7 +182,7 @@ def _committed(repo, key):
 @e2e
 @pytest.mark.skipif(
     not os.environ.get("CXR_TEST_TUNE_STORAGE"),
-    reason="needs a database URL in CXR_TEST_TUNE_STORAGE (.ci/postgres-smoke sets one)",
+    reason="needs a database URL in CXR_TEST_TUNE_STORAGE (.ci/with-postgres sets one)",
 )
 def test_workers_fill_one_study_in_a_database(tune_repo):
     """The team's database as Optuna's storage ($CXR_TUNE_STORAGE): two workers, one study."""
