@@ -19,16 +19,27 @@ ratio. Then one short real training (cnn4_bn, phantoms) to a learned state, and 
 training time of the six models on the full database estimated from the measured rates
 (the Kaggle set undersampled to 12,193 images, params.yaml's split, 30 epochs; compiles
 apart). The JSON is rewritten after every step; models past `--budget` seconds are skipped.
+
+Why mixed precision did not speed ResNet50V2 up (issue 17): the `--float32` models' stage
+step is measured again in float32, and each stage row carries a summary of XLA's optimised
+training step (`hlo`: convolutions by element type, layout and cuDNN math type -- tensor
+cores or not --, transposes and layout copies, fusions by kind), from XLA's own dump.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import gzip
 import json
 import os
 import platform
+import re
+import shutil
 import sys
+import tempfile
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -70,15 +81,15 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2048, help="phantoms in the cache")
     parser.add_argument("--models", nargs="+", default=ORDER)
     parser.add_argument("--budget", type=float, default=420, help="seconds; then skip")
+    parser.add_argument("--float32", nargs="*", default=["resnet50v2"],
+                        help="models whose stage step is measured in float32 too")  # fmt: skip
     args = parser.parse_args()
     started = time.time()
+    hlo = HloDump()  # before JAX starts: XLA reads its flags once
     x, y = phantoms(args.images, args.size)
     made = time.time() - started
 
     import keras
-
-    from cxr.fit import accelerator_settings, fit, set_runtime, settings_for
-    from cxr.models import build_model
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for name in ("vgg16", "vgg19", "resnet50v2"):
@@ -103,60 +114,22 @@ def main() -> None:
 
     split = 1 - params["prepare"]["val_fraction"] - params["prepare"]["test_fraction"]
     n_val = len(x) // 8
-    train, val = (x[n_val:], y[n_val:]), (x[:n_val], y[:n_val])
-    for name in args.models:
+    data = (x[n_val:], y[n_val:]), (x[:n_val], y[:n_val])
+    runs = [(name, "auto") for name in args.models]
+    runs += [(name, "off") for name in args.float32 if name in args.models]
+    for name, precision in runs:
         if time.time() - started > args.budget:
             report["models"].append({"model": name, "skipped": "time budget"})
-            save()
-            continue
-        cfg, builder_cfg = settings_for(name, params)
-        cfg = {**cfg, "batch_size": args.batch, "epochs": 2, "seed": 0}
-        cfg["early_stopping_patience"] = 10
-        accel = accelerator_settings(cfg)
-        spe = accel["steps_per_execution"]
-        steps = max(args.steps // spe, 3) * spe
-        # (1) bare model: no augmentation, numpy arrays through Keras' own adapter
-        set_runtime(0, accel)
-        keras.utils.clear_session()
-        bare = build_model(name, x.shape[1:], 4, **builder_cfg)
-        bare.compile(
-            optimizer=keras.optimizers.Adam(1e-4),
-            loss="sparse_categorical_crossentropy",
-            jit_compile=accel["jit_compile"],
-            steps_per_execution=spe,
-        )
-        reps = int(np.ceil(steps * args.batch / len(x)))
-        xs, ys = np.concatenate([x] * reps), np.concatenate([y] * reps)
-        xs, ys = xs[: steps * args.batch], ys[: steps * args.batch]
-        clock = Clock()
-        bare.fit(xs, ys, batch_size=args.batch, epochs=2, shuffle=False, verbose=0,
-                 callbacks=[clock])  # fmt: skip
-        ceiling = clock.rate(args.batch * spe)
-        ceiling_compile = clock.first_epoch - clock.epoch_seconds
-        del bare, xs, ys
-        # (2) the train stage's step: fit as the stage calls it
-        keras.utils.clear_session()
-        clock = Clock()
-        result = fit(name, cfg, builder_cfg, train, val, 4, accel, callbacks=[clock],
-                     steps_per_epoch=steps, progress=False)  # fmt: skip
-        stage = clock.rate(args.batch * spe)
-        row = {
-            "model": name,
-            "policy": accel["policy"],
-            "jit_compile": bool(result.fitted.jit_compile),
-            "deterministic": accel["deterministic"],
-            "steps_per_execution": spe,
-            "ceiling_images_per_s": round(ceiling, 1),
-            "stage_images_per_s": round(stage, 1),
-            "ratio": round(stage / ceiling, 3),
-            "ceiling_compile_s": round(ceiling_compile, 1),
-            "stage_compile_s": round(clock.first_epoch - clock.epoch_seconds, 1),
-            "full_database_train_s": round(FULL_IMAGES * split * FULL_EPOCHS / stage, 1),
-        }
-        report["models"].append(row)
-        print(json.dumps(row), flush=True)
+        else:
+            row = measure(name, precision, params, data, args, hlo)
+            row["full_database_train_s"] = round(
+                FULL_IMAGES * split * FULL_EPOCHS / row["stage_images_per_s"], 1
+            )
+            report["models"].append(row)
+            print(json.dumps(row), flush=True)
         save()
     rates = [r for r in report["models"] if "stage_images_per_s" in r]
+    rates = [r for r in rates if r["precision"] == "auto"]
     report["full_database_estimate"] = {
         "models": [r["model"] for r in rates],
         "train_images_per_epoch": round(FULL_IMAGES * split),
@@ -167,14 +140,73 @@ def main() -> None:
     }
     save()
     if time.time() - started < args.budget + 60:
-        report["learned"] = learned(params, train, val, args)
+        report["learned"] = learned(params, *data)
         save()
     report["seconds"] = round(time.time() - started, 1)
     save()
     print(json.dumps({k: v for k, v in report.items() if k != "models"}, indent=1))
 
 
-def learned(params, train, val, args) -> dict:
+def measure(name, precision, params, data, args, hlo) -> dict:
+    """One architecture at `--batch`: the bare-model ceiling, then the train stage's step
+    with the `train` settings resolved for this machine (`precision`: the stage's
+    `mixed_precision`), each timed over its second epoch."""
+    import keras
+
+    from cxr.fit import accelerator_settings, fit, set_runtime, settings_for
+    from cxr.models import build_model
+
+    train, val = data
+    cfg, builder_cfg = settings_for(name, params)
+    cfg = {**cfg, "batch_size": args.batch, "epochs": 2, "seed": 0, "mixed_precision": precision}
+    cfg["early_stopping_patience"] = 10
+    accel = accelerator_settings(cfg)
+    spe = accel["steps_per_execution"]
+    steps = max(args.steps // spe, 3) * spe
+    # (1) bare model: no augmentation, numpy arrays through Keras' own adapter
+    set_runtime(0, accel)
+    keras.utils.clear_session()
+    bare = build_model(name, train[0].shape[1:], 4, **builder_cfg)
+    bare.compile(
+        optimizer=keras.optimizers.Adam(1e-4),
+        loss="sparse_categorical_crossentropy",
+        jit_compile=accel["jit_compile"],
+        steps_per_execution=spe,
+    )
+    reps = int(np.ceil(steps * args.batch / len(train[0])))
+    xs = np.concatenate([train[0]] * reps)[: steps * args.batch]
+    ys = np.concatenate([train[1]] * reps)[: steps * args.batch]
+    clock = Clock()
+    bare.fit(xs, ys, batch_size=args.batch, epochs=2, shuffle=False, verbose=0,
+             callbacks=[clock])  # fmt: skip
+    ceiling = clock.rate(args.batch * spe)
+    ceiling_compile = clock.first_epoch - clock.epoch_seconds
+    del bare, xs, ys
+    # (2) the train stage's step: fit as the stage calls it
+    keras.utils.clear_session()
+    clock = Clock()
+    hlo.mark()
+    result = fit(name, cfg, builder_cfg, train, val, 4, accel, callbacks=[clock],
+                 steps_per_epoch=steps, progress=False)  # fmt: skip
+    stage = clock.rate(args.batch * spe)
+    keep = args.out.with_name(f"hlo_{name}_{precision}.txt.gz") if name in args.float32 else None
+    return {
+        "model": name,
+        "precision": precision,
+        "policy": accel["policy"],
+        "jit_compile": bool(result.fitted.jit_compile),
+        "deterministic": accel["deterministic"],
+        "steps_per_execution": spe,
+        "ceiling_images_per_s": round(ceiling, 1),
+        "stage_images_per_s": round(stage, 1),
+        "ratio": round(stage / ceiling, 3),
+        "ceiling_compile_s": round(ceiling_compile, 1),
+        "stage_compile_s": round(clock.first_epoch - clock.epoch_seconds, 1),
+        "hlo": hlo.summary(keep),
+    }
+
+
+def learned(params, train, val) -> dict:
     """One short real training of cnn4_bn on the phantoms, as the stage runs it."""
     import keras
 
@@ -196,6 +228,80 @@ def learned(params, train, val, args) -> dict:
         "chance": 0.25,
         "seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+class HloDump:
+    """XLA's optimised HLO of each training step, dumped by XLA itself (`--xla_dump_to`, set
+    before JAX starts; only the modules of Keras' jitted `train_step`), and summarised:
+    what precision and layout the convolutions run in, whether cuDNN runs them on tensor
+    cores (`math_type`), how many transposes and layout copies and fusions of each kind
+    XLA made around them. A dump that cannot be read gives an `error`, not a failed check."""
+
+    # `name = shape op(...)`: the shape a tuple `(bf16[...]{...}, u8[0]{0})` or one array
+    INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(\([^)]*\)|\S+)\s+([\w\-]+)\(")
+
+    def __init__(self):
+        self.where = where = Path(tempfile.mkdtemp(prefix="gpu_check_hlo_"))
+        atexit.register(shutil.rmtree, where, True)  # tens of MB; `summary(keep)` keeps one
+        flags = f"--xla_dump_to={where} --xla_dump_hlo_module_re=.*train_step.*"
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
+        self.seen: set[Path] = set()
+
+    def mark(self) -> None:
+        """What is there now is not the next summary's."""
+        self.seen = set(self.where.glob("*after_optimizations.txt"))
+
+    def summary(self, keep: Path | None = None) -> dict:
+        """The summary of the largest train_step module dumped since `mark`; `keep`: a
+        path to save that module to, gzipped (for a closer look away from the machine)."""
+        try:
+            new = set(self.where.glob("*after_optimizations.txt")) - self.seen
+            if not new:
+                return {"error": f"no train_step module dumped in {self.where}"}
+            module = max(new, key=lambda f: f.stat().st_size)
+            text = module.read_text()
+            out = self.summarise(text) | {"module": module.name}
+            if keep is not None:
+                keep.write_bytes(gzip.compress(text.encode()))
+                out["saved"] = keep.name
+            return out
+        except Exception as error:  # a diagnostic: never the reason the check stops
+            return {"error": f"{type(error).__name__}: {error}"}
+
+    @classmethod
+    def summarise(cls, text: str) -> dict:
+        convs, fusions = Counter(), Counter()
+        transposes = copies = 0
+        for line in text.splitlines():
+            found = cls.INSTRUCTION.match(line)
+            if not found:
+                continue
+            shape, op = found.groups()
+            target = re.search(r'custom_call_target="([^"]+)"', line)
+            if op == "fusion":
+                fusions[_field(line, "kind")] += 1
+            elif op in ("transpose", "copy"):
+                transposes += op == "transpose"
+                copies += op == "copy"
+            elif op == "convolution" or (target and "conv" in target.group(1).lower()):
+                math = re.search(r'"math_type":"(\w+)"', line)
+                convs[" ".join([
+                    target.group(1) if target else "convolution",
+                    re.match(r"\(?(\w+)", shape).group(1),
+                    _field(line, "dim_labels"),
+                    math.group(1) if math else "",
+                ]).strip()] += 1  # fmt: skip
+        return {
+            "convolutions": dict(convs.most_common()),
+            "transposes": transposes,
+            "copies": copies,
+            "fusions": dict(fusions.most_common()),
+        }
+
+
+def _field(line: str, key: str) -> str:
+    found = re.search(rf"\b{key}=([\w>\-]+)", line)
+    return found.group(1) if found else "?"
 
 
 def Clock():  # noqa: N802 (a class, made once Keras may be imported)

@@ -40,8 +40,9 @@ def accelerator_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     XLA (jit_compile): on with a GPU; on TensorFlow never with deterministic ops (Keras 3
     turns it off then; resolving it here keeps the logged value true); on JAX always unless
     set false (JAX without XLA runs op by op). `steps_per_execution`: 32 batches per
-    compiled call with a GPU (one host round trip per 32 steps), 1 on CPU (no gain there,
-    and per-batch progress stays exact). Several devices: `distribution` (cxr.backend)."""
+    host round trip with a GPU (one compiled loop on TensorFlow; on JAX, Keras 3.15 queues
+    32 compiled steps and syncs once), 1 on CPU (no gain there, and per-batch progress
+    stays exact). Several devices: `distribution` (cxr.backend)."""
     if cfg["deterministic"] is True:
         backend.request_determinism()  # before JAX starts: XLA reads its flags once
     threads = len(os.sched_getaffinity(0)) if cfg["threads"] == "auto" else cfg["threads"]
