@@ -6,7 +6,8 @@ they import; docs/benchmarks.md, "GPU check", has the recipe); it imports the pr
 src/ without installing it (no TensorFlow, MLflow or DVC):
 
     KERAS_BACKEND=jax python benchmarks/gpu_check.py OUT.json [--size 224] [--batch 256]
-        [--steps 96] [--models resnet50v2 cnn4_bn ...] [--budget 420]
+        [--steps 96] [--models resnet50v2 cnn4_bn ...] [--float32 resnet50v2 ...]
+        [--budget 420]
 
 For each architecture (params.yaml's builder settings, transfer models from scratch):
 1. the bare-model ceiling, as ../shared/tools/gpu_ceiling.py measures it: `model.fit` on
@@ -20,10 +21,11 @@ training time of the six models on the full database estimated from the measured
 (the Kaggle set undersampled to 12,193 images, params.yaml's split, 30 epochs; compiles
 apart). The JSON is rewritten after every step; models past `--budget` seconds are skipped.
 
-Why mixed precision did not speed ResNet50V2 up (issue 17): the `--float32` models' stage
-step is measured again in float32, and each stage row carries a summary of XLA's optimised
-training step (`hlo`: convolutions by element type, layout and cuDNN math type -- tensor
-cores or not --, transposes and layout copies, fusions by kind), from XLA's own dump.
+Why mixed precision did not speed ResNet50V2 up (issue 17): the `--float32` models'
+bare-model ceiling is measured again in float32, and every row carries a summary of XLA's
+optimised training step of the bare model (`hlo`: convolutions by element type, layout and
+cuDNN math type -- tensor cores or not --, transposes and layout copies, fusions by kind),
+from XLA's own dump; the `--float32` models' modules are kept next to OUT.json, gzipped.
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=ORDER)
     parser.add_argument("--budget", type=float, default=420, help="seconds; then skip")
     parser.add_argument("--float32", nargs="*", default=["resnet50v2"],
-                        help="models whose stage step is measured in float32 too")  # fmt: skip
+                        help="models whose ceiling is measured in float32 too")  # fmt: skip
     args = parser.parse_args()
     started = time.time()
     hlo = HloDump()  # before JAX starts: XLA reads its flags once
@@ -121,15 +123,15 @@ def main() -> None:
         if time.time() - started > args.budget:
             report["models"].append({"model": name, "skipped": "time budget"})
         else:
-            row = measure(name, precision, params, data, args, hlo)
-            row["full_database_train_s"] = round(
-                FULL_IMAGES * split * FULL_EPOCHS / row["stage_images_per_s"], 1
-            )
+            row = measure(name, precision, params, data, args, hlo, stage=precision == "auto")
+            if "stage_images_per_s" in row:
+                row["full_database_train_s"] = round(
+                    FULL_IMAGES * split * FULL_EPOCHS / row["stage_images_per_s"], 1
+                )
             report["models"].append(row)
             print(json.dumps(row), flush=True)
         save()
     rates = [r for r in report["models"] if "stage_images_per_s" in r]
-    rates = [r for r in rates if r["precision"] == "auto"]
     report["full_database_estimate"] = {
         "models": [r["model"] for r in rates],
         "train_images_per_epoch": round(FULL_IMAGES * split),
@@ -147,10 +149,11 @@ def main() -> None:
     print(json.dumps({k: v for k, v in report.items() if k != "models"}, indent=1))
 
 
-def measure(name, precision, params, data, args, hlo) -> dict:
-    """One architecture at `--batch`: the bare-model ceiling, then the train stage's step
-    with the `train` settings resolved for this machine (`precision`: the stage's
-    `mixed_precision`), each timed over its second epoch."""
+def measure(name, precision, params, data, args, hlo, stage=True) -> dict:
+    """One architecture at `--batch` with the `train` settings resolved for this machine
+    (`precision`: the stage's `mixed_precision`): the bare-model ceiling and XLA's summary
+    of its training step, then (`stage`) the train stage's step; each timed over its
+    second epoch."""
     import keras
 
     from cxr.fit import accelerator_settings, fit, set_runtime, settings_for
@@ -177,33 +180,33 @@ def measure(name, precision, params, data, args, hlo) -> dict:
     xs = np.concatenate([train[0]] * reps)[: steps * args.batch]
     ys = np.concatenate([train[1]] * reps)[: steps * args.batch]
     clock = Clock()
+    hlo.mark()
     bare.fit(xs, ys, batch_size=args.batch, epochs=2, shuffle=False, verbose=0,
              callbacks=[clock])  # fmt: skip
-    ceiling = clock.rate(args.batch * spe)
-    ceiling_compile = clock.first_epoch - clock.epoch_seconds
-    del bare, xs, ys
-    # (2) the train stage's step: fit as the stage calls it
-    keras.utils.clear_session()
-    clock = Clock()
-    hlo.mark()
-    result = fit(name, cfg, builder_cfg, train, val, 4, accel, callbacks=[clock],
-                 steps_per_epoch=steps, progress=False)  # fmt: skip
-    stage = clock.rate(args.batch * spe)
     keep = args.out.with_name(f"hlo_{name}_{precision}.txt.gz") if name in args.float32 else None
-    return {
+    row = {
         "model": name,
         "precision": precision,
         "policy": accel["policy"],
-        "jit_compile": bool(result.fitted.jit_compile),
         "deterministic": accel["deterministic"],
         "steps_per_execution": spe,
-        "ceiling_images_per_s": round(ceiling, 1),
-        "stage_images_per_s": round(stage, 1),
-        "ratio": round(stage / ceiling, 3),
-        "ceiling_compile_s": round(ceiling_compile, 1),
-        "stage_compile_s": round(clock.first_epoch - clock.epoch_seconds, 1),
+        "ceiling_images_per_s": round(clock.rate(args.batch * spe), 1),
+        "ceiling_compile_s": round(clock.first_epoch - clock.epoch_seconds, 1),
         "hlo": hlo.summary(keep),
     }
+    del bare, xs, ys
+    if not stage:
+        return row
+    # (2) the train stage's step: fit as the stage calls it
+    keras.utils.clear_session()
+    clock = Clock()
+    result = fit(name, cfg, builder_cfg, train, val, 4, accel, callbacks=[clock],
+                 steps_per_epoch=steps, progress=False)  # fmt: skip
+    row["jit_compile"] = bool(result.fitted.jit_compile)
+    row["stage_images_per_s"] = round(clock.rate(args.batch * spe), 1)
+    row["ratio"] = round(row["stage_images_per_s"] / row["ceiling_images_per_s"], 3)
+    row["stage_compile_s"] = round(clock.first_epoch - clock.epoch_seconds, 1)
+    return row
 
 
 def learned(params, train, val) -> dict:
