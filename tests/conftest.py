@@ -36,6 +36,40 @@ GIT_IDENTITY = {
 }
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`make test`'s `pytest -n N --dist loadfile`: a file's tests share a worker, so a module
+    fixture is made once; test_champion's go with test_pipeline's, the other users of the
+    session's `repro`, so it runs once too. (`--dist loadgroup` with `xdist_group` marks
+    would say it in marks, but pytest 9.2 drops the marks' groups: pytest-xdist #1386.)"""
+    from xdist.scheduler import LoadFileScheduling
+
+    class Scheduler(LoadFileScheduling):
+        def _split_scope(self, nodeid):
+            path = super()._split_scope(nodeid)
+            return "tests/test_pipeline.py" if path == "tests/test_champion.py" else path
+
+    return Scheduler(config, log)
+
+
+def worker_database(url: str | None) -> str | None:
+    """`url` itself, or under pytest-xdist a fresh database of the worker's own beside it:
+    two workers' servers on one database would see each other's runs and models."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not url or not worker:
+        return url
+    import sqlalchemy
+
+    base = sqlalchemy.make_url(url)
+    name = f"{base.database}_{worker}"
+    engine = sqlalchemy.create_engine(base, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}"'))
+        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return base.set(database=name).render_as_string(hide_password=False)
+
+
 def prepare_settings(**overrides) -> dict:
     """params.yaml's prepare section (the one definition of its keys) with `overrides`."""
     from cxr.params import load_params
@@ -131,7 +165,8 @@ def mlflow_server(tmp_path_factory):
             str(port),
             "--backend-store-uri",
             # CI's .ci/with-postgres points this at PostgreSQL (the team set-up in the README)
-            os.environ.get("CXR_TEST_BACKEND_STORE_URI") or f"sqlite:///{where / 'mlflow.db'}",
+            worker_database(os.environ.get("CXR_TEST_BACKEND_STORE_URI"))
+            or f"sqlite:///{where / 'mlflow.db'}",
             "--artifacts-destination",
             str(where / "artifacts"),
             "--workers",
