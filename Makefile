@@ -27,16 +27,17 @@ demo: data
 
 # Two pytest workers (pytest-xdist, a test file per worker at a time; tests/conftest.py): an
 # end-to-end test keeps one core busy (process start-ups, DVC, MLflow), so two fill the 2-core
-# CI machine (TensorFlow pass 1,096 -> 774 s; memory in use peaked at 9.8 GiB). More workers
-# want about 4.5 GiB each: `make test TEST_WORKERS=4`.
+# CI machine (memory in use peaked at 9.8 GiB). More workers want about 4.5 GiB each:
+# `make test TEST_WORKERS=4`.
 TEST_WORKERS ?= 2
+PYTEST := pytest -n $(TEST_WORKERS) --dist loadfile
 # Then the training, evaluation and serving tests again on Keras' JAX backend (unit level;
 # each pytest run prints its time).
 JAX_TESTS := tests/test_augment.py tests/test_backends.py tests/test_fit.py \
 	tests/test_checkpoint.py tests/test_models.py tests/test_serving.py
 test: data
-	pytest -n $(TEST_WORKERS) --dist loadfile
-	KERAS_BACKEND=jax pytest -n $(TEST_WORKERS) --dist loadfile -m "not e2e" $(JAX_TESTS)
+	$(PYTEST)
+	KERAS_BACKEND=jax $(PYTEST) -m "not e2e" $(JAX_TESTS)
 
 lint: install
 	ruff check .
