@@ -13,8 +13,12 @@ logistic regression on 64x64 pixels, C=0.1, the bar; PCA + RBF SVM) and prints o
 accuracy and macro-F1 of every model and baseline with 95 % intervals (Wilson; bootstrap, the
 evaluate stage's method and seed on both sides), an exact McNemar test of each model against
 the logistic regression, and each model's training time (the train stage's fit phase) and
-stage wall time. The experiment's outputs (Grad-CAM overlays included) are copied to
---workdir/<experiment>/ before the experiment is removed (unless --keep).
+stage wall time. The lung audit too: every model's accuracy with the lungs hidden and with
+only the lungs visible (its evaluate stage's), and the baselines' on the same views of the
+same test images; with `train.lung_focus: template` the baselines fit and predict on the
+lung-focused pixels (`cxr.lungs.focus_array`), the bar a lung-focused model must beat.
+The experiment's outputs (Grad-CAM overlays included) are copied to --workdir/<experiment>/
+before the experiment is removed (unless --keep).
 """
 
 from __future__ import annotations
@@ -38,9 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline_benchmark import add_experiment_arguments, run_experiment, stage_table  # noqa: E402
 
 from cxr.baselines import BASELINES, fit_predict  # noqa: E402
-from cxr.cache import load_prepared, split_arrays  # noqa: E402
+from cxr.cache import load_prepared, split_arrays, split_masks  # noqa: E402
 from cxr.cli import check_data_folder  # noqa: E402
 from cxr.download import download  # noqa: E402
+from cxr.lungs import audit_inputs, focus_array  # noqa: E402
 from cxr.metrics import intervals, macro_f1, mcnemar  # noqa: E402
 from cxr.params import load_params, with_overrides  # noqa: E402
 from cxr.prepare import prepare  # noqa: E402
@@ -117,6 +122,8 @@ def same_split(params: dict, scratch: Path) -> tuple:
     )
     x_train, y_train, summary = split_arrays(scratch / "prepared", "train")
     x_test, y_test, _ = split_arrays(scratch / "prepared", "test")
+    summary["test_masks"], where = split_masks(scratch / "prepared", "test")
+    summary["lung_masks"] = all(w == "file" for w in where)  # else the template, somewhere
     # Manifest paths are relative to the working folder: compare them from raw/ on.
     raw = (scratch / "raw").resolve()
     test_paths = [
@@ -161,22 +168,45 @@ def main() -> None:
     ev = params["evaluate"]
     rows = []
     predictions = {}
+    views = audit_inputs(x_test, summary["test_masks"])
+    focus = params["train"]["lung_focus"] == "template"
+    if focus:  # the baselines see what a lung-focused model sees
+        x_train, views = focus_array(x_train), {k: focus_array(v) for k, v in views.items()}
     for baseline in BASELINES:
         t0 = time.perf_counter()
-        predictions[baseline] = fit_predict(baseline, x_train, y_train, x_test, seed=ev["seed"])
-        rows.append({"name": baseline, "kind": "baseline", "fit_seconds": time.perf_counter() - t0})
+        seen = fit_predict(baseline, x_train, y_train, list(views.values()), seed=ev["seed"])
+        predictions[baseline] = seen[0]
+        audit = {}
+        for view, pred in zip(list(views)[1:], seen[1:], strict=True):
+            ci = intervals(y_test, pred, len(classes), ev["bootstrap"], ev["ci_level"], ev["seed"])
+            audit[view] = (float((pred == y_test).mean()), *ci["accuracy"])
+        rows.append(
+            {
+                "name": baseline,
+                "kind": "baseline",
+                "fit_seconds": time.perf_counter() - t0,
+                **audit,
+            }
+        )
     for model in params["train"]["models"]:
         paths, pred = model_predictions(ref, model, classes)
         if [Path(p).relative_to("raw").as_posix() for p in paths] != test_paths:
             sys.exit(f"real_benchmark: {model}'s test images differ from the baselines' split.")
         predictions[model] = pred
         phases = stages.get(f"train@{model}", {}).get("phases") or {}
+        test = json.loads(git_show(ref, f"evaluation/{model}/test.json"))
         rows.append(
             {
                 "name": model,
                 "kind": "model",
                 "fit_seconds": phases.get("fit"),
                 "stage_seconds": stages.get(f"train@{model}", {}).get("seconds"),
+                **{
+                    view: tuple(
+                        test[f"{view}_accuracy{end}"] for end in ("", "_ci_low", "_ci_high")
+                    )
+                    for view in ("lungs_hidden", "lungs_only")
+                },
             }
         )
     for row in rows:
@@ -200,10 +230,15 @@ def main() -> None:
         f"{time.strftime('%Y-%m-%d')}\n"
     )
     print(
-        "| model | accuracy [95 % CI] | macro-F1 [95 % CI] "
-        "| vs LR: McNemar p (only it / only LR correct) | fit s | stage s |"
+        f"# lung focus: {params['train']['lung_focus']}; audit lungs: "
+        f"{'the test images own masks' if summary['lung_masks'] else 'the lung template'}\n"
     )
-    print("|---|---|---|---|---:|---:|")
+    print(
+        "| model | accuracy [95 % CI] | macro-F1 [95 % CI] "
+        "| vs LR: McNemar p (only it / only LR correct) | accuracy, lungs hidden "
+        "| accuracy, lungs only | fit s | stage s |"
+    )
+    print("|---|---|---|---|---|---|---:|---:|")
     for row in rows:
         test = row["mcnemar_vs_lr"]
         versus = (
@@ -216,7 +251,8 @@ def main() -> None:
         mark = " (champion)" if row["name"] == champion else ""
         print(
             f"| {row['name']}{mark} | {interval(row['accuracy'])} | {interval(row['macro_f1'])} "
-            f"| {versus} | {fit} | {stage} |"
+            f"| {versus} | {interval(row['lungs_hidden'])} | {interval(row['lungs_only'])} "
+            f"| {fit} | {stage} |"
         )
     best = next(r for r in rows if r["name"] == champion)
     verdict = {

@@ -40,6 +40,11 @@ def main() -> None:
     )
     log_data_report(params, report, Path("reports/data"))
     print(f"prepare: {report['n_images']} images; {report['counts']}")
+    masks = report["lung_masks"]
+    print(
+        f"prepare: lung masks: {masks.get('file', 0)} from mask files, "
+        f"{masks.get('template', 0)} from the lung template"
+    )
     for note in report["balance"]["notes"]:
         print(f"prepare: {note}")
 

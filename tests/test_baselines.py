@@ -25,8 +25,9 @@ def test_baselines_learn_a_pixel_pattern_from_the_training_split_only():
     x_train, y_train = images(90)
     x_test, y_test = images(30)
     for name in BASELINES:
-        pred = fit_predict(name, x_train, y_train, x_test)
+        pred, again = fit_predict(name, x_train, y_train, [x_test, x_test])
+        assert np.array_equal(pred, again)
         assert pred.shape == (30,) and (pred == y_test).mean() == 1.0, name
         # Trained on shuffled labels, the same features predict the test labels at chance.
-        wrong = fit_predict(name, x_train, rng.permutation(y_train), x_test)
+        (wrong,) = fit_predict(name, x_train, rng.permutation(y_train), [x_test])
         assert (wrong == y_test).mean() < 0.7, name

@@ -284,7 +284,9 @@ def test_archive_folder_is_copied_never_moved(tmp_path):
 
 def test_synthetic_topup_has_the_paediatric_layout(tmp_path):
     data = data_params(
-        source="synthetic", topup="viral", synthetic={"per_class": 8, "image_size": 64, "seed": 0}
+        source="synthetic",
+        topup="viral",
+        synthetic={"per_class": 8, "image_size": 64, "seed": 0, "shortcut": "none"},
     )
     info = download(data, tmp_path / "raw", tmp_path / "d.json", tmp_path / "cache")
     pneumonia = tmp_path / "raw" / "chest_xray" / "train" / "PNEUMONIA"

@@ -62,6 +62,37 @@ def test_input_is_resized_inside_the_model():
     assert model.input_shape == (None, 64, 64, 1)
 
 
+@pytest.mark.parametrize("input_size", [None, 32])
+def test_the_lung_focus_shows_only_the_templates_lungs(input_size, tmp_path):
+    from cxr.lungs import FOCUS_FILL, FOCUS_MARGIN, focus_array, template_box, template_mask
+
+    model = build_model(
+        "cnn", (64, 64, 1), 4, filters=[8], lung_focus="template", input_size=input_size
+    )
+    focus = keras.Model(model.input, model.get_layer("lung_mask").output)
+    x = grey_batch(3, 64)[0]
+    seen = keras.ops.convert_to_numpy(focus(x.astype("float32")))[..., 0]
+    size = input_size or 64
+    lungs = template_mask(size, FOCUS_MARGIN, template_box(FOCUS_MARGIN))
+    assert seen.shape == (3, size, size)
+    np.testing.assert_allclose(seen[:, ~lungs], FOCUS_FILL, atol=1e-3)
+    assert seen[:, lungs].std() > 30  # the lungs' own pixels pass (cropped, resized)
+    if input_size is None:  # the baselines' copy of the focus sees the same lungs
+        smooth = np.stack([np.full((64, 64), 40), np.tile(np.arange(64) * 3, (64, 1))])
+        smooth = smooth[..., None].astype(np.uint8)
+        ours = keras.ops.convert_to_numpy(focus(smooth.astype("float32")))[..., 0]
+        np.testing.assert_allclose(focus_array(smooth)[..., 0], ours, atol=2.5)
+    # Whatever lies outside the template's box (a marker in a corner) changes nothing.
+    marked = x.copy()
+    marked[:, :6, :6] = 255
+    np.testing.assert_allclose(
+        model.predict(marked, verbose=0), model.predict(x, verbose=0), atol=1e-6
+    )
+    model.save(tmp_path / "m.keras")  # built-in layers only: loads in safe mode
+    again = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)
+    np.testing.assert_allclose(again.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["vgg16", "resnet50v2"])
 def test_weights_file_loads_frozen_with_the_head_trainable(name, tmp_path):
     import keras.applications as apps

@@ -1,15 +1,17 @@
 import io
 import shutil
 from collections import Counter, defaultdict
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from cxr.cache import load_prepared
+from cxr.cache import load_prepared, split_arrays, split_masks
 from cxr.classes import DATASET_DIR, LABELS
 from cxr.data_report import write_data_report
 from cxr.images import load_grey
+from cxr.lungs import read_mask, template_mask
 from cxr.prepare import DataError, index_images, prepare
 from cxr.synthetic import write_dataset, write_topup
 from tests.conftest import REAL_SAMPLE, prepare_settings
@@ -43,7 +45,38 @@ def test_split_is_stratified_disjoint_and_cached(synthetic_raw, tmp_path):
         "dataset.json",
         "images.npy",
         "manifest.csv",
+        "masks.npy",
     ]
+
+
+def test_lung_masks_follow_their_images_through_dedupe_and_split(synthetic_raw, tmp_path):
+    raw = tmp_path / "raw"
+    shutil.copytree(synthetic_raw, raw)
+    covid = raw / DATASET_DIR / "COVID"
+    (covid / "masks" / "COVID-1.png").unlink()  # no mask: the template stands in
+    (covid / "masks" / "COVID-2.png").write_bytes(b"damaged")
+    report = prepare(raw, [], list(LABELS), CFG, tmp_path / "prepared")
+    images, rows, _ = load_prepared(tmp_path / "prepared")
+    masks = np.load(tmp_path / "prepared" / "masks.npy")
+    assert masks.shape == images.shape and set(np.unique(masks)) <= {0, 1}
+    kinds = {}
+    for r in rows:
+        path = Path(r["path"])
+        kinds[path.name] = r["lung_mask"]
+        own = path.parent.parent / "masks" / path.name
+        expected = read_mask(own, 32) if r["lung_mask"] == "file" else template_mask(32)
+        assert np.array_equal(masks[int(r["index"])], expected), r["path"]
+    assert kinds["COVID-1.png"] == kinds["COVID-2.png"] == "template"
+    assert sum(k == "file" for k in kinds.values()) == len(rows) - 2
+    assert report["lung_masks"] == dict(Counter(r["lung_mask"] for r in rows))
+    notes = {Path(n["path"]).name: n["mask"] for n in report["lung_mask_notes"]}
+    assert list(notes) == ["COVID-2.png"] and notes["COVID-2.png"].startswith(
+        "template (unreadable lung mask COVID-2.png"
+    )
+    test_masks, where = split_masks(tmp_path / "prepared", "test")
+    x_test = split_arrays(tmp_path / "prepared", "test")[0]
+    assert test_masks.shape == x_test.shape[:3] and test_masks.dtype == bool
+    assert where == [r["lung_mask"] for r in rows if r["split"] == "test"]
 
 
 def test_same_seed_same_split_and_fingerprint(synthetic_raw, tmp_path):

@@ -39,15 +39,17 @@ def test_real_benchmark_prints_models_and_baselines_on_one_split(tmp_path):
         timeout=600,
     )  # fmt: skip
     lines = proc.stdout.splitlines()
-    header = lines.index(next(line for line in lines if line.startswith("| model |")))
+    header = lines.index(
+        next(line for line in lines if line.startswith("| model |") and "vs LR" in line)
+    )
     names = [line.split("|")[1].strip().split(" ")[0] for line in lines[header + 2 : header + 6]]
     assert names == ["logistic_regression", "pca_svm", "cnn", "cnn4_bn"], proc.stdout
     figures = json.loads(out.read_text())
     assert {r["name"] for r in figures["rows"]} == {
         "logistic_regression", "pca_svm", "cnn", "cnn4_bn"
     }  # fmt: skip
-    for row in figures["rows"]:
-        for key in ("accuracy", "macro_f1"):
+    for row in figures["rows"]:  # the lung audit of models and baselines alike
+        for key in ("accuracy", "macro_f1", "lungs_hidden", "lungs_only"):
             point, low, high = row[key]
             assert 0 <= low <= point <= high <= 1, row
     models = [r for r in figures["rows"] if r["kind"] == "model"]

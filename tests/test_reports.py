@@ -46,6 +46,22 @@ def test_predictions_file_round_trips(tmp_path):
     np.testing.assert_allclose(probs2, probs, atol=5e-7)
 
 
+def evaluation_json(y: np.ndarray, probs: np.ndarray, correct: float) -> dict:
+    """test.json of a model right on about `correct` of the images intact, and on as many
+    with the lungs hidden as with them alone: it reads outside the lungs."""
+    audit = {
+        view: predictions(correct, len(y), seed=k + 10)[1]
+        for k, view in enumerate(("lungs_hidden", "lungs_only"))
+    }
+    return {
+        **evaluate.test_metrics(y, probs, CLASSES, EVALUATE),
+        **evaluate.audit_scores(y, audit, CLASSES, EVALUATE),
+        "gradcam_lung_share": 0.25,
+        "lung_area_share": 0.3,
+        "lung_masks_from_files": 1.0,
+    }
+
+
 def fake_evaluation(folder, scores: dict[str, tuple[float, int]], paths_of=None):
     """evaluation/<model>/ as the evaluate stage leaves it, for models scoring about
     `correct`, with `param_count` parameters."""
@@ -55,7 +71,7 @@ def fake_evaluation(folder, scores: dict[str, tuple[float, int]], paths_of=None)
         y, probs = predictions(correct, seed=i)
         rows = [{"path": (paths_of or {}).get(name, "img") + f"/{k}.png"} for k in range(len(y))]
         write_predictions(out / "predictions.csv", y, probs, CLASSES, rows)
-        write_json(out / "test.json", evaluate.test_metrics(y, probs, CLASSES, EVALUATE))
+        write_json(out / "test.json", evaluation_json(y, probs, correct))
         write_json(out / "run.json", {"run_id": f"run-{name}", "param_count": param_count})
 
 
@@ -115,7 +131,7 @@ def test_compare_refuses_missing_or_mismatched_evaluations(tmp_path, params):
 
 def test_model_card_shows_every_headline_metric_and_the_sources():
     y, probs = predictions(0.8)
-    test = evaluate.test_metrics(y, probs, CLASSES, EVALUATE)
+    test = evaluation_json(y, probs, 0.8)
     summary = {"metric": "macro_f1", "champion": "cnn", "classes": CLASSES, "ranking": [{}] * 6}
     dataset = {
         "n_images": 60,

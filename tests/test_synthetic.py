@@ -4,7 +4,7 @@ import numpy as np
 from PIL import Image
 
 from cxr.classes import DATASET_DIR, LABEL_TO_FOLDER, LABELS
-from cxr.synthetic import phantom
+from cxr.synthetic import MASK_SIZE, SHORTCUT_CORNERS, _phantom, phantom
 
 
 def test_phantoms_are_deterministic_and_distinct():
@@ -21,6 +21,30 @@ def test_kaggle_layout(synthetic_raw):
         files = sorted(folder.glob("*.png"))
         assert len(files) == 12
         assert files[0].name.startswith(LABEL_TO_FOLDER[label] + "-")
+        masks = sorted((folder.parent / "masks").glob("*.png"))  # the database's layout
+        assert [m.name for m in masks] == [f.name for f in files]
+        mask = np.asarray(Image.open(masks[0]))
+        assert mask.shape == (MASK_SIZE, MASK_SIZE) and set(np.unique(mask)) == {0, 255}
+
+
+def test_the_mask_is_where_the_findings_are():
+    img, mask = _phantom("lung_opacity", 0, 128, 0, "none")
+    plain = phantom("lung_opacity", 0, 128, 0)
+    assert np.array_equal(img, plain) and 0.2 < mask.mean() < 0.4
+    # Two lungs, one each side: the middle column (spine, mediastinum) is outside.
+    assert not mask[:, 64].any() and mask[:, :64].any() and mask[:, 64:].any()
+
+
+def test_the_planted_marker_sits_in_a_corner_of_its_own_per_class():
+    corners = {}
+    for k, label in enumerate(LABELS):
+        marked, mask = _phantom(label, 0, 96, 0, "marker")
+        changed = marked != phantom(label, 0, 96, 0)
+        ys, xs = np.nonzero(changed)
+        assert (marked[changed] == 255).all() and not (changed & mask).any()
+        corners[label] = (ys.mean() > 48, xs.mean() > 48)
+        assert corners[label] == SHORTCUT_CORNERS[k]
+    assert len(set(corners.values())) == len(LABELS)
 
 
 def test_global_brightness_says_nothing_about_the_class():

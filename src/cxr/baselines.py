@@ -47,8 +47,13 @@ BASELINES: dict[str, Callable] = {
 
 
 def fit_predict(
-    name: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, seed: int = 0
-) -> np.ndarray:
-    """Fit baseline `name` on the training images, return its class predictions on x_test."""
+    name: str,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_tests: list[np.ndarray],
+    seed: int = 0,
+) -> list[np.ndarray]:
+    """Fit baseline `name` on the training images once; return its class predictions on each
+    array of `x_tests` (the test images, and the lung audit's views of them)."""
     model = BASELINES[name](seed).fit(pixel_features(x_train), y_train)
-    return model.predict(pixel_features(x_test)).astype(np.int64)
+    return [model.predict(pixel_features(x)).astype(np.int64) for x in x_tests]

@@ -3,14 +3,18 @@
 `prepared/` holds
 - `images.npy`: uint8 (n, image_size, image_size), the kept images in manifest order (train,
   then val, then test);
+- `masks.npy`: uint8 (n, image_size, image_size), 1 on the lungs, 0 elsewhere, row for row
+  beside images.npy: the dataset's mask of that image resized with it, or the template
+  (cxr.lungs) where it has none;
 - `manifest.csv`: one row per image: index (its row in images.npy), label, split, group (its
-  near-duplicate group), origin, content_hash, path, source;
+  near-duplicate group), origin, content_hash, path, source, lung_mask (`file`: the
+  dataset's own mask; `template`);
 - `dataset.json`: classes (model output order), image_size, n_images, counts per split and
   class, and the fingerprint: a hash of every image's pixels, label and split and the size,
   which names this exact dataset in MLflow and in training checkpoints.
 
 The prepare stage writes it (`write_index`), the others read it (`load_prepared`,
-`split_arrays`) without importing the preparation code.
+`split_arrays`, `split_masks`) without importing the preparation code.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from cxr.errors import CxrError
 from cxr.io import read_json, write_json
 
 SPLITS = ("train", "val", "test")
@@ -69,3 +74,18 @@ def split_arrays(prepared: Path, split: str) -> tuple[np.ndarray, np.ndarray, di
     x = images[[int(r["index"]) for r in chosen]][..., None]
     y = np.array([index[r["label"]] for r in chosen], dtype=np.int32)
     return x, y, summary
+
+
+def split_masks(prepared: Path, split: str) -> tuple[np.ndarray, list[str]]:
+    """(lung masks (n, H, W) bool, where each came from) of one split, in split_arrays' order."""
+    if not (prepared / "masks.npy").is_file():
+        raise CxrError(
+            f"{prepared / 'masks.npy'} is missing: this cache was prepared before lung masks "
+            "were kept; rerun `dvc repro prepare` (or `dvc repro -f prepare`)."
+        )
+    masks = np.load(prepared / "masks.npy", mmap_mode="r")
+    _, rows, _ = load_prepared(prepared)
+    chosen = [r for r in rows if r["split"] == split]
+    return masks[[int(r["index"]) for r in chosen]].astype(bool), [
+        r.get("lung_mask", "template") for r in chosen
+    ]

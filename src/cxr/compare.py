@@ -1,5 +1,6 @@
 """The compare stage: one table of every evaluated architecture, a chart with the bootstrap
-intervals, a paired test between the best two, and the champion by a params metric."""
+intervals, a paired test between the best two, and the champion by a params metric; each
+model's lung audit (cxr.evaluate) beside it, with a plain verdict on where it reads."""
 
 from __future__ import annotations
 
@@ -14,9 +15,16 @@ from cxr import tracking
 from cxr.errors import CxrError
 from cxr.evaluate import read_predictions
 from cxr.io import atomic_path, pyplot, read_json, save_figure, write_json
-from cxr.metrics import HEADLINE, INTERVALS, INTERVALS_NOTE, mcnemar
+from cxr.metrics import HEADLINE, INTERVALS, INTERVALS_NOTE, lung_verdict, mcnemar
+from cxr.params import LUNG_METRICS
 
 TIMINGS = ("train_seconds", "epoch_seconds", "train_images_per_second")
+# The audit's columns: test.json keys and how the table and chart name them.
+AUDIT = {
+    "lungs_hidden_accuracy": "accuracy, lungs hidden",
+    "lungs_only_accuracy": "accuracy, lungs only",
+    "lungs_only_macro_f1": "macro-F1, lungs only",
+}
 
 
 def collect(models: list[str], evaluation: Path) -> list[dict[str, Any]]:
@@ -49,8 +57,10 @@ def collect(models: list[str], evaluation: Path) -> list[dict[str, Any]]:
 
 def rank(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
     """Best first by `metric`; ties go to the smaller model, then the name."""
-    if metric not in HEADLINE:
-        raise CxrError(f"compare.metric is {metric!r}; expected one of {list(HEADLINE)}.")
+    if metric not in (*HEADLINE, *LUNG_METRICS):
+        raise CxrError(
+            f"compare.metric is {metric!r}; expected one of {[*HEADLINE, *LUNG_METRICS]}."
+        )
     return sorted(rows, key=lambda r: (-r[metric], r["param_count"], r["model"]))
 
 
@@ -60,7 +70,9 @@ def _interval(row: dict[str, Any], key: str) -> str:
     return f"{row[key]:.3f}"
 
 
-def markdown(ranked: list[dict], metric: str, paired: dict | None, level: float) -> str:
+def markdown(
+    ranked: list[dict], metric: str, paired: dict | None, level: float, n_classes: int
+) -> str:
     champion = ranked[0]
     lines = [
         "# Model comparison (test split)",
@@ -95,6 +107,32 @@ def markdown(ranked: list[dict], metric: str, paired: dict | None, level: float)
         ]
     lines += [
         "",
+        "## Does each model read the lungs?",
+        "",
+        "The same test images with the lungs hidden (filled with the image's mean grey) and "
+        "with only the lungs visible; Grad-CAM: the mean share of each image's heat inside "
+        f"its lungs (lungs: {champion['lung_area_share']:.2f} of the image). A model that "
+        "reads the disease drops to chance (here "
+        f"{1 / n_classes:.3f}) without the lungs and keeps its accuracy with them alone. "
+        + (
+            "Lungs: each test image's own mask."
+            if champion["lung_masks_from_files"] == 1
+            else "Lungs: the template for "
+            f"{1 - champion['lung_masks_from_files']:.0%} of the test images (no mask "
+            "file), a weaker audit."
+        ),
+        "",
+        "| model | " + " | ".join(AUDIT.values()) + " | Grad-CAM heat in lungs | verdict |",
+        "|---|" + "---|" * len(AUDIT) + "---:|---|",
+    ]
+    for r in ranked:
+        lines.append(
+            f"| {r['model']} | "
+            + " | ".join(_interval(r, key) for key in AUDIT)
+            + f" | {r['gradcam_lung_share']:.2f} | {lung_verdict(r, n_classes)} |"
+        )
+    lines += [
+        "",
         "Timings come from the training runs in MLflow and vary run to run; the metrics do not.",
     ]
     return "\n".join(lines) + "\n"
@@ -106,14 +144,17 @@ def plot(ranked: list[dict], n_classes: int, path: Path) -> None:
     names = [r["model"] for r in ranked]
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(1.4 * len(names) + 2, 4))
-    width = 0.8 / len(INTERVALS)
-    for i, key in enumerate(INTERVALS):
+    bars = {key: HEADLINE[key] for key in INTERVALS} | {
+        k: v for k, v in AUDIT.items() if k.endswith("accuracy")
+    }
+    width = 0.8 / len(bars)
+    for i, (key, label) in enumerate(bars.items()):
         values = np.array([r[key] for r in ranked])
         errors = np.array(
             [[r[key] - r[f"{key}_ci_low"], r[f"{key}_ci_high"] - r[key]] for r in ranked]
         )
-        offset = (i - (len(INTERVALS) - 1) / 2) * width
-        ax.bar(x + offset, values, width, yerr=errors.T, capsize=3, label=HEADLINE[key])
+        offset = (i - (len(bars) - 1) / 2) * width
+        ax.bar(x + offset, values, width, yerr=errors.T, capsize=3, label=label)
     ax.axhline(1 / n_classes, color="grey", ls=":", lw=1, label=f"chance ({n_classes} classes)")
     ax.set_xticks(x, names)
     ax.set_ylim(0, 1.05)
@@ -159,7 +200,7 @@ def compare(params: dict[str, Any], evaluation: Path, out_dir: Path) -> dict[str
     out_dir.mkdir(parents=True, exist_ok=True)
     level = params["evaluate"]["ci_level"]
     with atomic_path(out_dir / "table.md") as tmp:
-        tmp.write_text(markdown(ranked, metric, paired, level))
+        tmp.write_text(markdown(ranked, metric, paired, level, len(classes)))
     with atomic_path(out_dir / "table.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(ranked[0]))
         writer.writeheader()

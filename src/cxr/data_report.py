@@ -58,7 +58,16 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     if report["topup_found"]:
         parts.append(f"Top-up films found: {report['topup_found']}.")
+    masks = report["lung_masks"]
+    parts.append(
+        f"Lung masks (for the evaluate stage's lung audit): {masks.get('file', 0)} images with "
+        f"their own mask file, {masks.get('template', 0)} with the lung template instead."
+    )
     parts += [
+        _listing(
+            "Mask files not used (the template stood in)",
+            [f"`{n['path']}`: {n['mask']}" for n in report["lung_mask_notes"]],
+        ),
         _listing("Rejected files", [f"`{r['path']}`: {r['reason']}" for r in report["rejects"]]),
         _listing(
             "Exact duplicates (first kept)",

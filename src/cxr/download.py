@@ -339,10 +339,15 @@ def _dataset_root(unpacked: Path, what: str) -> Path:
 
 
 def count_images(root: Path) -> dict[str, int]:
+    """Image files per class folder; the lung masks beside them (`masks/`) are not images."""
     counts = {}
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         counts[folder.name] = sum(
-            1 for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            1
+            for p in folder.rglob("*")
+            if p.is_file()
+            and p.suffix.lower() in IMAGE_SUFFIXES
+            and "masks" not in p.relative_to(folder).parts
         )
     return counts
 
@@ -406,7 +411,9 @@ def download(
         tmp.mkdir()
         if source == "synthetic":
             cfg = data["synthetic"]
-            synthetic.write_dataset(tmp, cfg["per_class"], cfg["image_size"], cfg["seed"])
+            synthetic.write_dataset(
+                tmp, cfg["per_class"], cfg["image_size"], cfg["seed"], shortcut=cfg["shortcut"]
+            )
             if data["topup"]:
                 synthetic.write_topup(
                     tmp / TOPUP_DIR, cfg["per_class"], cfg["image_size"], cfg["seed"]

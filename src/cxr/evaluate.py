@@ -3,21 +3,28 @@
 
 MLflow refuses to change a logged param, so evaluation adds metrics and files only; the
 metrics are linked to the run's logged model and to the test dataset.
+
+The shortcut audit (`lung_audit`) scores every test image three ways, intact, with the lungs
+hidden and with only the lungs visible (cxr.lungs), and measures the share of each image's
+Grad-CAM heat that falls inside its lungs: a model that reads the disease loses its accuracy
+without the lungs and keeps it with them alone.
 """
 
 from __future__ import annotations
 
 import csv
+import textwrap
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cxr import tracking
-from cxr.cache import split_arrays
+from cxr.cache import split_arrays, split_masks
 from cxr.errors import CxrError
 from cxr.io import atomic_path, pyplot, read_json, save_figure, write_json
-from cxr.metrics import HEADLINE, calibration, intervals, per_source, scores
+from cxr.lungs import audit_inputs, heat_inside
+from cxr.metrics import HEADLINE, calibration, intervals, lung_verdict, per_source, scores
 from cxr.timing import Phases
 
 
@@ -58,6 +65,81 @@ def grad_cam(model, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     cam = cam / (ops.max(cam, axis=(1, 2), keepdims=True) + 1e-7)
     cam = ops.image.resize(cam[..., None], images.shape[1:3], interpolation="bilinear")[..., 0]
     return ops.convert_to_numpy(cam), ops.convert_to_numpy(probs)
+
+
+def audit_scores(
+    y: np.ndarray, probs: dict[str, np.ndarray], classes: list[str], cfg: dict[str, Any]
+) -> dict[str, float]:
+    """Accuracy and macro-F1, with intervals, of each audit view's probabilities
+    (`lungs_hidden`, `lungs_only`): test.json's `<view>_accuracy`, `<view>_macro_f1`, ..."""
+    figures = {}
+    for view, p in probs.items():
+        pred = p.argmax(axis=1)
+        ci = intervals(y, pred, len(classes), cfg["bootstrap"], cfg["ci_level"], cfg["seed"])
+        figures[f"{view}_accuracy"] = float(np.mean(pred == y))
+        figures[f"{view}_macro_f1"] = scores(y, p, classes)["macro_f1"]
+        for key in ("accuracy", "macro_f1"):
+            figures[f"{view}_{key}_ci_low"], figures[f"{view}_{key}_ci_high"] = ci[key]
+    return figures
+
+
+def lung_audit(
+    model,
+    x: np.ndarray,
+    y: np.ndarray,
+    masks: np.ndarray,
+    classes: list[str],
+    cfg: dict[str, Any],
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """(audit figures, the audit's predicted probabilities per view) of the test images `x`
+    with lung masks `masks`: accuracy and macro-F1 with the lungs hidden and with only the
+    lungs visible, with intervals as for the intact images; the mean share of Grad-CAM heat
+    inside the lungs, overall and per actual class, beside the lungs' share of the image
+    (what heat spread evenly would give)."""
+    views = audit_inputs(x, masks)
+    probs = {
+        view: model.predict(views[view], batch_size=cfg["batch_size"], verbose=0).astype(np.float64)
+        for view in ("lungs_hidden", "lungs_only")
+    }
+    figures = audit_scores(y, probs, classes, cfg)
+    step = cfg["batch_size"]
+    cams = np.concatenate([grad_cam(model, x[i : i + step])[0] for i in range(0, len(x), step)])
+    inside = heat_inside(cams, masks)
+    figures["gradcam_lung_share"] = float(np.nanmean(inside))
+    for k, c in enumerate(classes):
+        figures[f"gradcam_lung_share_{c}"] = float(np.nanmean(inside[y == k]))
+    figures["lung_area_share"] = float(masks.mean())
+    return figures, probs
+
+
+def plot_audit(
+    x: np.ndarray,
+    masks: np.ndarray,
+    probs: dict[str, np.ndarray],
+    y: np.ndarray,
+    classes: list[str],
+    path: Path,
+    title: str,
+) -> None:
+    """The first test image of each class in the audit's three views, with the prediction."""
+    plt = pyplot()
+    views = audit_inputs(x, masks)
+    firsts = [int(np.flatnonzero(y == k)[0]) for k in range(len(classes)) if np.any(y == k)]
+    fig, axes = plt.subplots(len(firsts), 3, figsize=(6.6, 2.4 * len(firsts)), squeeze=False)
+    for row, i in zip(axes, firsts, strict=True):
+        for ax, view in zip(row, ("intact", "lungs_hidden", "lungs_only"), strict=True):
+            p = probs[view][i]
+            ax.imshow(views[view][i].squeeze(), cmap="gray", vmin=0, vmax=255)
+            ax.contour(masks[i], [0.5], colors="red", linewidths=0.6)
+            ax.set_title(
+                f"{classes[y[i]]}, {view.replace('_', ' ')}\n-> {classes[int(p.argmax())]} "
+                f"{p.max():.2f}",
+                fontsize=8,
+            )
+            ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 def plot_confusion(conf: np.ndarray, classes: list[str], path: Path, title: str) -> None:
@@ -233,6 +315,14 @@ def evaluate(
     phases.done("predict")
     metrics = test_metrics(y, probs, classes, cfg)
     phases.done("metrics")
+    masks, mask_from = split_masks(prepared, "test")
+    audit, audit_probs = lung_audit(model, x, y, masks, classes, cfg)
+    metrics.update(audit)
+    # Where the audit's lungs came from: 1.0 = every test image's own mask (the dataset's
+    # masks), 0.0 = the template for all (a weaker audit: see cxr.lungs).
+    metrics["lung_masks_from_files"] = float(np.mean([m == "file" for m in mask_from]))
+    verdict = lung_verdict(metrics, len(classes))
+    phases.done("lung audit")
 
     figure_dir = out_dir / "figures"
     figure_dir.mkdir(parents=True, exist_ok=True)
@@ -243,6 +333,15 @@ def evaluate(
     sources = [r.get("source", "") for r in rows]
     write_json(out_dir / "per_source.json", per_source(y, probs.argmax(axis=1), sources, classes))
     write_json(out_dir / "test.json", metrics)
+    plot_audit(
+        x,
+        masks,
+        {"intact": probs, **audit_probs},
+        y,
+        classes,
+        figure_dir / "lung_audit.png",
+        textwrap.fill(f"{name}: {verdict}", 70),
+    )
     conf = np.array(metrics["confusion"])
     plot_confusion(conf, classes, figure_dir / "confusion.png", f"{name}: test confusion")
     plot_reliability(

@@ -26,7 +26,9 @@ def settings_for(name: str, params: dict[str, Any]) -> tuple[dict, dict]:
     model_cfg = params["models"][name]
     cfg = {**params["train"], **{k: model_cfg[k] for k in TRAINING_KEYS if k in model_cfg}}
     cfg["augment"] = {**params["train"]["augment"], **model_cfg.get("augment", {})}
-    return cfg, {k: v for k, v in model_cfg.items() if k not in TRAINING_KEYS}
+    # train.lung_focus is part of every model's graph: a builder setting (a model's own wins).
+    builder = {"lung_focus": cfg.pop("lung_focus")}
+    return cfg, builder | {k: v for k, v in model_cfg.items() if k not in TRAINING_KEYS}
 
 
 def accelerator_settings(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ probabilities (n, k).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -163,3 +164,33 @@ def per_source(
             "classes": {c: int(n) for c, n in zip(classes, counts, strict=True) if n},
         }
     return table
+
+
+def outside_share(intact_accuracy: float, hidden_accuracy: float, k: int) -> float:
+    """The share of a model's accuracy above chance (1/k) that it keeps with the lungs
+    hidden: about 0 for a model that reads the lungs, about 1 for one that reads only what
+    lies outside them (clipped to [0, 1]; nan when the model is not above chance at all)."""
+    above = intact_accuracy - 1 / k
+    if above <= 0:
+        return float("nan")
+    return float(np.clip((hidden_accuracy - 1 / k) / above, 0.0, 1.0))
+
+
+def lung_verdict(row: dict[str, Any], k: int) -> str:
+    """One plain sentence on where a model's accuracy comes from, from its audit figures
+    (test.json's `lungs_hidden_accuracy`, `lungs_only_accuracy`)."""
+    share = outside_share(row["accuracy"], row["lungs_hidden_accuracy"], k)
+    hidden, only = row["lungs_hidden_accuracy"], row["lungs_only_accuracy"]
+    if math.isnan(share):
+        return "not above chance on intact images"
+    if share >= 0.5:
+        return (
+            f"reads mostly outside the lungs: with the lungs hidden it keeps {share:.0%} of its "
+            f"accuracy above chance ({hidden:.3f}; chance {1 / k:.3f})"
+        )
+    if row["accuracy"] - only > 0.05:
+        return (
+            f"needs more than the lungs: {only:.3f} with only the lungs visible against "
+            f"{row['accuracy']:.3f} intact (lungs hidden: {hidden:.3f})"
+        )
+    return f"reads the lungs: lungs hidden {hidden:.3f}, lungs only {only:.3f}"

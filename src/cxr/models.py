@@ -5,6 +5,12 @@ resizing, scaling and channel handling inside the graph, with serialisable layer
 `Lambda`, which safe-mode loading refuses), so a saved model needs no outside preprocessing.
 The softmax runs in float32 so that mixed precision stays numerically stable.
 
+`lung_focus="template"` puts the lung focus first in every graph (`_input`): the image is
+cropped to the lung template's box (cxr.lungs, grown by FOCUS_MARGIN), resized back, and
+everything outside the template's lungs is set to mid grey, the same for every image, so
+borders, markers, shoulders and body outline never reach the network, in training,
+evaluation, serving and `cxr predict` alike.
+
 Transfer models (`vgg16`, `vgg19`, `resnet50v2`) take `weights`: `imagenet`, `none`, or the
 path of a weights file for the base (include_top=False). With ImageNet (or file) weights the
 base is frozen and only the head trains, plus the top `fine_tune_layers` layers if set. With
@@ -20,7 +26,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import keras
+import numpy as np
 from keras import layers
+
+from cxr.lungs import FOCUS_FILL, FOCUS_MARGIN, template_box, template_mask
 
 POOLINGS = {
     "max": layers.GlobalMaxPooling2D,
@@ -45,12 +54,42 @@ def _head(x, n_classes: int, dense_units: int, dropout: float):
     return layers.Dense(n_classes, activation="softmax", dtype="float32", name="probs")(x)
 
 
-def _input(input_shape, input_size: int | None):
-    """The model's input, resized inside the graph to `input_size` when that is set."""
+def lung_focus_layers(x, input_shape, size: int):
+    """Crop (H, W, 1) images to the template's box, resize to `size`, and set what lies
+    outside the template's lungs to FOCUS_FILL (mid grey: 0 after each model's scaling).
+    Built-in layers only: the mask is a Normalization with mean 0 and variance 1 inside the
+    lungs (the pixel passes unchanged) and, outside, a standard deviation of 1e6 and a mean
+    of -fill * 1e6, which sends every pixel to the fill (within 3e-4 grey levels), in
+    float32 whatever the dtype policy."""
+    height, width = input_shape[:2]
+    box = template_box(FOCUS_MARGIN)
+    top, left = round(box[1] * height), round(box[0] * width)
+    bottom, right = height - round(box[3] * height), width - round(box[2] * width)
+    x = layers.Cropping2D(((top, bottom), (left, right)), name="lung_crop")(x)
+    x = layers.Resizing(size, size, interpolation="bilinear", name="lung_resize")(x)
+    lungs = template_mask(size, FOCUS_MARGIN, box)[..., None]
+    scale = 1e6
+    return layers.Normalization(
+        axis=(1, 2, 3),
+        mean=np.where(lungs, 0.0, -FOCUS_FILL * scale),
+        variance=np.where(lungs, 1.0, scale**2),
+        dtype="float32",
+        name="lung_mask",
+    )(x)
+
+
+def _input(input_shape, input_size: int | None, lung_focus: str = "none"):
+    """The model's input, with the lung focus (`lung_focus: template`) and resized inside
+    the graph to `input_size` when that is set."""
+    if lung_focus not in ("none", "template"):
+        raise ValueError(f"lung_focus must be none or template, got {lung_focus!r}.")
     inputs = keras.Input(input_shape, name="image")
     x = inputs
-    if input_size and input_size != input_shape[0]:
-        x = layers.Resizing(input_size, input_size, interpolation="bilinear")(x)
+    size = input_size or input_shape[0]
+    if lung_focus == "template":
+        x = lung_focus_layers(x, input_shape, size)
+    elif size != input_shape[0]:
+        x = layers.Resizing(size, size, interpolation="bilinear")(x)
     return inputs, x
 
 
@@ -62,6 +101,7 @@ def build_cnn(
     dropout: float = 0.3,
     pooling: str = "max",
     input_size: int | None = None,
+    lung_focus: str = "none",
 ) -> keras.Model:
     """A plain CNN: conv/max-pool blocks, no batch norm (the study's baseline).
 
@@ -70,7 +110,7 @@ def build_cnn(
     whole image (on the phantoms it stayed at chance where "max" reached 0.95);
     "flatten" keeps positions, at many more parameters.
     """
-    inputs, x = _input(input_shape, input_size)
+    inputs, x = _input(input_shape, input_size, lung_focus)
     x = layers.Rescaling(1 / 127.5, offset=-1.0)(x)
     for f in filters:
         x = layers.Conv2D(f, 3, padding="same", activation="relu", kernel_initializer="he_normal")(
@@ -91,11 +131,12 @@ def _build_bn_cnn(name: str, blocks: int):
         pooling: str = "max",
         bn_momentum: float = 0.9,
         input_size: int | None = None,
+        lung_focus: str = "none",
     ) -> keras.Model:
         filters = list(filters or [32 * 2 ** min(i // 2, 3) for i in range(blocks)])
         if len(filters) != blocks:
             raise ValueError(f"{name} has {blocks} conv blocks; got {len(filters)} filters.")
-        inputs, x = _input(input_shape, input_size)
+        inputs, x = _input(input_shape, input_size, lung_focus)
         x = layers.Rescaling(1 / 127.5, offset=-1.0)(x)
         for i, f in enumerate(filters):
             x = layers.Conv2D(f, 3, padding="same", use_bias=False, kernel_initializer="he_normal")(
@@ -151,8 +192,9 @@ def _build_transfer(name: str, application, preprocess: str):
         bn_momentum: float = 0.9,
         pooling: str = "avg",
         input_size: int | None = None,
+        lung_focus: str = "none",
     ) -> keras.Model:
-        inputs, x = _input(input_shape, input_size)
+        inputs, x = _input(input_shape, input_size, lung_focus)
         size = input_size or input_shape[0]
         x = layers.Concatenate(name="grey_to_rgb")([x, x, x])
         from_scratch = weights in (None, "none")

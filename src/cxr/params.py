@@ -21,6 +21,11 @@ SCHEDULES = ("constant", "cosine")
 PRUNERS = ("median", "hyperband", "none")
 # The headline test metrics (compare.metric's choices; cxr.metrics names them for reports).
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc_macro")
+# The shortcut audit's scores on the test images with only the lungs visible (cxr.evaluate):
+# compare.metric may pick the champion by one of them instead.
+LUNG_METRICS = ("lungs_only_macro_f1", "lungs_only_accuracy")
+LUNG_FOCUS = ("none", "template")
+SHORTCUTS = ("none", "marker")
 
 
 def _whole(low: int, high: int | None = None):
@@ -73,7 +78,7 @@ SCHEMA: dict[str, Any] = {
         "topup": (str, type(None)),
         "topup_dataset": str,
         "topup_archive": (str, type(None)),
-        "synthetic": {"per_class": int, "image_size": int, "seed": int},
+        "synthetic": {"per_class": int, "image_size": int, "seed": int, "shortcut": str},
         "classes": list,
     },
     "prepare": {
@@ -110,6 +115,7 @@ SCHEMA: dict[str, Any] = {
         "steps_per_execution": (str, int),
         "threads": (str, int),
         "checkpoint_seconds": (int, float),
+        "lung_focus": str,
     },
     "models": dict,
     "evaluate": {
@@ -195,6 +201,11 @@ def check_params(params: dict[str, Any]) -> dict[str, Any]:
             f"params.yaml: data.topup is {data['topup']!r}; expected null (no top-up), "
             "'viral' (viral pneumonia films only) or 'all' (viral and bacterial, as the study)."
         )
+    if data["synthetic"]["shortcut"] not in SHORTCUTS:
+        raise ParamsError(
+            f"params.yaml: data.synthetic.shortcut is {data['synthetic']['shortcut']!r}; "
+            f"expected one of {list(SHORTCUTS)}."
+        )
     data["classes"] = check_labels(data["classes"])
     prep = params["prepare"]
     if not (
@@ -215,6 +226,7 @@ def check_params(params: dict[str, Any]) -> dict[str, Any]:
         ("schedule", SCHEDULES),
         ("imbalance", ("class_weight", "oversample", "none")),
         ("mixed_precision", ("auto", "on", "off")),
+        ("lung_focus", LUNG_FOCUS),
     ):
         if train[key] not in allowed:
             raise ParamsError(
@@ -247,10 +259,10 @@ def check_params(params: dict[str, Any]) -> dict[str, Any]:
             f"params.yaml: prepare.balance_target is {target}; expected a whole number of "
             "images >= 1 or a class name."
         )
-    if params["compare"]["metric"] not in METRICS:
+    if params["compare"]["metric"] not in METRICS + LUNG_METRICS:
         raise ParamsError(
             f"params.yaml: compare.metric is {params['compare']['metric']!r}; expected one of "
-            f"{list(METRICS)}."
+            f"{list(METRICS + LUNG_METRICS)}."
         )
     for model in params["train"]["models"]:
         if model not in params["models"]:

@@ -14,7 +14,9 @@ never copies an image, and near-duplicate groups never straddle train/val/test.
    `top-up` (undersample, then fill pneumonia from the top-up films) or `none`; a target that
    cannot be reached is said in the report, with what was done instead;
 5. split: stratified by class, whole groups at a time, reproducible by `seed`;
-6. cache: the kept images, copied in manifest order into `images.npy`.
+6. cache: the kept images, copied in manifest order into `images.npy`, and their lung masks
+   into `masks.npy` (the dataset's mask file resized beside its image, else the template:
+   cxr.lungs).
 
 Memory stays flat in the dataset size: images go from the decoder straight to disk.
 """
@@ -43,6 +45,7 @@ from cxr.images import (
     resize,
 )
 from cxr.io import atomic_path, progress, worker_dies_with_parent
+from cxr.lungs import mask_file, read_mask, template_mask
 
 THUMB = 32  # thumbnail side for near-duplicate checks
 
@@ -189,48 +192,63 @@ class RowFile:
         return os.pread(fd, self.row_bytes, self.offset + row * self.row_bytes)
 
 
-_scratch: tuple[RowFile, int] | None = None
+_scratch: list[tuple[RowFile, int]] = []
 
 
-def _open_scratch(path: str) -> None:
+def _open_scratch(*paths: str) -> None:
     worker_dies_with_parent()
-    global _scratch
-    rows = RowFile(Path(path))
-    _scratch = (rows, rows.open(write=True))
+    for path in paths:
+        rows = RowFile(Path(path))
+        _scratch.append((rows, rows.open(write=True)))
 
 
-def _scan_one(job: tuple[int, str, int, int]) -> tuple[int, str | None, str, int, bytes]:
-    """Decode file `job`, write it to the scratch row; return (row, reject reason, hashes)."""
+def _scan_one(job: tuple[int, str, int, int]) -> tuple[int, str | None, str, int, bytes, str]:
+    """Decode file `job` and its lung mask, write both to their scratch rows; return (row,
+    reject reason, hashes, thumbnail, where the mask came from or why the template stood in)."""
     row, path, size, min_size = job
     try:
         grey = decode_grey(path, min_size=min_size)
     except ImageRejected as err:
-        return row, str(err), "", 0, b""
-    rows, fd = _scratch
-    rows.write(fd, row, resize(grey, size))
+        return row, str(err), "", 0, b"", ""
+    (images, fd), (masks, mask_fd) = _scratch
+    images.write(fd, row, resize(grey, size))
+    found, mask_from = mask_file(Path(path)), "file"
+    try:
+        mask = read_mask(found, size) if found else None
+    except ValueError as err:
+        mask, mask_from = None, f"template ({err})"
+    if mask is None:
+        mask, mask_from = template_mask(size), mask_from if found else "template"
+    masks.write(mask_fd, row, mask)
     thumb = resize(grey, THUMB)
-    return row, None, content_hash(grey), perceptual_hash(grey), thumb.tobytes()
+    return row, None, content_hash(grey), perceptual_hash(grey), thumb.tobytes(), mask_from
 
 
-def scan(items: list[Item], scratch: Path, size: int, min_size: int) -> dict[str, Any]:
-    """Decode every item on all cores into `scratch` (N, size, size); return their facts."""
+def scan(items: list[Item], scratch: Path, mask_scratch: Path, size: int, min_size: int) -> dict:
+    """Decode every item and its lung mask on all cores into `scratch` and `mask_scratch`
+    (N, size, size each); return their facts."""
     n = len(items)
     RowFile(scratch, (n, size, size))
+    RowFile(mask_scratch, (n, size, size))
     facts = {
         "reject": [None] * n,
         "hash": [""] * n,
         "phash": np.zeros(n, dtype=np.uint64),
         "thumb": np.zeros((n, THUMB, THUMB), dtype=np.uint8),
+        "mask": [""] * n,
     }
     jobs = [(i, str(item.path), size, min_size) for i, item in enumerate(items)]
     workers = os.cpu_count() or 1
-    with ProcessPoolExecutor(workers, initializer=_open_scratch, initargs=(str(scratch),)) as pool:
+    with ProcessPoolExecutor(
+        workers, initializer=_open_scratch, initargs=(str(scratch), str(mask_scratch))
+    ) as pool:
         results = pool.map(_scan_one, jobs, chunksize=64)
-        for row, reason, digest, phash, thumb in progress(
+        for row, reason, digest, phash, thumb, mask_from in progress(
             results, total=n, desc="decode", unit="img"
         ):
             facts["reject"][row] = reason
             facts["hash"][row] = digest
+            facts["mask"][row] = mask_from
             if reason is None:
                 facts["phash"][row] = phash
                 facts["thumb"][row] = np.frombuffer(thumb, np.uint8).reshape(THUMB, THUMB)
@@ -396,7 +414,7 @@ def prepare(
     size = cfg["image_size"]
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
-        facts = scan(items, tmp / "scratch.npy", size, cfg["min_size"])
+        facts = scan(items, tmp / "scratch.npy", tmp / "mask_scratch.npy", size, cfg["min_size"])
         found = dedupe(items, facts, cfg)
         chosen, balanced = balance(items, found["kept"], found["group"], classes, cfg)
         empty = [c for c in classes if not any(items[i].label == c for i in chosen)]
@@ -408,7 +426,9 @@ def prepare(
         order = sorted(chosen, key=lambda i: (SPLITS.index(split[i]), i))
 
         copy_rows(tmp / "scratch.npy", order, tmp / "images.npy", (size, size))
+        copy_rows(tmp / "mask_scratch.npy", order, tmp / "masks.npy", (size, size))
         (tmp / "scratch.npy").unlink()
+        (tmp / "mask_scratch.npy").unlink()
 
         sources = image_sources(raw)
         rows = [
@@ -421,6 +441,7 @@ def prepare(
                 "content_hash": facts["hash"][i],
                 "path": _rel(items[i].path),
                 "source": _source(items[i], sources),
+                "lung_mask": "file" if facts["mask"][i] == "file" else "template",
             }
             for k, i in enumerate(order)
         ]
@@ -443,6 +464,12 @@ def prepare(
             for c in classes
         },
         "topup_found": sum(1 for item in items if item.origin == "topup"),
+        "lung_masks": dict(Counter(row["lung_mask"] for row in rows)),
+        "lung_mask_notes": [
+            {"path": _rel(items[i].path), "mask": facts["mask"][i]}
+            for i in order
+            if facts["mask"][i].startswith("template (")
+        ],
         "balance": balanced,
         "rejects": [
             {"path": _rel(items[i].path), "reason": r}

@@ -17,7 +17,7 @@ import numpy as np
 from cxr import tracking
 from cxr.cache import split_arrays
 from cxr.io import atomic_path, read_json, write_json
-from cxr.metrics import HEADLINE, INTERVALS, INTERVALS_NOTE, scores
+from cxr.metrics import HEADLINE, INTERVALS, INTERVALS_NOTE, lung_verdict, scores
 from cxr.repo import git_commit
 from cxr.requirements import MODEL_REQUIREMENTS, pinned_requirements
 
@@ -190,6 +190,40 @@ def model_card(
         lines.append(
             f"| {c} | {f['recall']:.3f} | {f['precision']:.3f} | {f['f1']:.3f} | {f['support']} |"
         )
+    k = len(summary["classes"])
+    lines += [
+        "",
+        "## Does it read the lungs? (shortcut audit, test split)",
+        "",
+        f"Verdict: {lung_verdict(test, k)}.",
+        "",
+        "| test images | accuracy | macro-F1 |",
+        "|---|---|---|",
+    ]
+    for view, prefix in (
+        ("intact", ""),
+        ("lungs hidden", "lungs_hidden_"),
+        ("lungs only", "lungs_only_"),
+    ):
+        lines.append(
+            f"| {view} | "
+            + " | ".join(
+                f"{test[prefix + m]:.3f} [{test[prefix + m + '_ci_low']:.3f}, "
+                f"{test[prefix + m + '_ci_high']:.3f}]"
+                for m in ("accuracy", "macro_f1")
+            )
+            + " |"
+        )
+    lines += [
+        "",
+        f"Grad-CAM heat inside the lungs: {test['gradcam_lung_share']:.2f} on average "
+        f"(the lungs are {test['lung_area_share']:.2f} of the image); chance is {1 / k:.3f}. "
+        + (
+            "Lungs: each test image's own mask."
+            if test["lung_masks_from_files"] == 1
+            else "Lungs: the lung template where an image has no mask file (a weaker audit)."
+        ),
+    ]
     if sources:
         lines += [
             "",

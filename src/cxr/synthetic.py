@@ -12,6 +12,11 @@ in real films:
 Each image is then standardised to the same mean and spread, so global brightness says
 nothing about the class: a linear model on raw pixels stays far from perfect while a small
 CNN, which sees texture and shape, learns the classes (see tests/test_synthetic.py).
+
+Each phantom ships its exact lung mask (where findings can be) in the Kaggle layout,
+`<Class>/masks/<same name>.png` at 256x256 like the database's. `shortcut="marker"` plants
+a shortcut outside the lungs, as real sources do with their markers: a bright square in a
+corner, a different corner for each class.
 """
 
 from __future__ import annotations
@@ -123,8 +128,19 @@ def _lesions(label: str, rng, x, y, lungs, size):
     raise ValueError(f"no phantom finding for label {label!r}")
 
 
-def phantom(label: str, index: int, size: int = 299, seed: int = 0) -> np.ndarray:
+MASK_SIZE = 256  # the Kaggle database's mask files are 256x256 for 299x299 images
+SHORTCUT_CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))  # (bottom?, right?) per class index
+
+
+def phantom(
+    label: str, index: int, size: int = 299, seed: int = 0, shortcut: str = "none"
+) -> np.ndarray:
     """One deterministic phantom radiograph of class `label`, as uint8 (size, size)."""
+    return _phantom(label, index, size, seed, shortcut)[0]
+
+
+def _phantom(label: str, index: int, size: int, seed: int, shortcut: str):
+    """(image uint8, lung mask bool) of one phantom."""
     rng = _rng(seed, label, index)
     img, lungs, x, y = _anatomy(rng, size)
     img += _lesions(label, rng, x, y, lungs, size)
@@ -136,24 +152,47 @@ def phantom(label: str, index: int, size: int = 299, seed: int = 0) -> np.ndarra
     img += 0.025 * rng.standard_normal(img.shape)  # quantum noise
     img = np.clip(img, 0, None) ** rng.uniform(0.8, 1.25)  # exposure / film response
     img = (img - img.mean()) / (img.std() + 1e-8) * TARGET_STD + TARGET_MEAN
-    return np.clip(img * 255, 0, 255).astype(np.uint8)
+    img = np.clip(img * 255, 0, 255).astype(np.uint8)
+    if shortcut == "marker":
+        side, gap = max(2, size // 12), max(1, size // 60)
+        bottom, right = SHORTCUT_CORNERS[LABELS.index(label) % len(SHORTCUT_CORNERS)]
+        top = size - gap - side if bottom else gap
+        left = size - gap - side if right else gap
+        img[top : top + side, left : left + side] = 255
+    elif shortcut != "none":
+        raise ValueError(f"no phantom shortcut {shortcut!r}")
+    return img, lungs > 0
 
 
-def _write_one(job: tuple[Path, str, int, int, int]) -> None:
-    path, label, index, size, seed = job
-    Image.fromarray(phantom(label, index, size, seed)).save(path)
+def _write_one(job: tuple[Path, str, int, int, int, str]) -> None:
+    path, label, index, size, seed, shortcut = job
+    img, mask = _phantom(label, index, size, seed, shortcut)
+    Image.fromarray(img).save(path)
+    mask_path = path.parent.parent / "masks" / path.name
+    lungs = Image.fromarray(mask.astype(np.uint8) * 255).resize((MASK_SIZE, MASK_SIZE))
+    lungs.point(lambda v: 255 if v > 127 else 0).save(mask_path)
 
 
 def write_dataset(
-    root: Path, per_class: int, size: int = 299, seed: int = 0, labels=LABELS
+    root: Path,
+    per_class: int,
+    size: int = 299,
+    seed: int = 0,
+    labels=LABELS,
+    shortcut: str = "none",
 ) -> dict[str, int]:
-    """Write phantoms in the Kaggle layout under `root`, on all cores; return files per folder."""
+    """Write phantoms and their lung masks in the Kaggle layout under `root`, on all cores;
+    return image files per folder."""
     jobs = []
     for label in labels:
         folder = LABEL_TO_FOLDER[label]
         images = root / DATASET_DIR / folder / "images"
         images.mkdir(parents=True, exist_ok=True)
-        jobs += [(images / f"{folder}-{i + 1}.png", label, i, size, seed) for i in range(per_class)]
+        (images.parent / "masks").mkdir(exist_ok=True)
+        jobs += [
+            (images / f"{folder}-{i + 1}.png", label, i, size, seed, shortcut)
+            for i in range(per_class)
+        ]
     with ProcessPoolExecutor(os.cpu_count(), initializer=worker_dies_with_parent) as pool:
         for _ in progress(
             pool.map(_write_one, jobs, chunksize=16), total=len(jobs), desc="phantoms", unit="img"

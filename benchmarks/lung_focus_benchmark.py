@@ -1,0 +1,192 @@
+"""Lung focus on real radiographs, judged on the validation split (the test split is not read).
+
+    python benchmarks/lung_focus_benchmark.py --archive ../shared/data/cxr-real-dev \
+        [--profile real_cpu] [--models cnn4_bn cnn] [--focus none template] [--out FILE.json]
+
+Prepares the archive as the profile does (classes present in it), then for each model and
+each `train.lung_focus` fits the train stage's loop (`cxr.fit.fit`, the profile's settings)
+and scores the validation split three ways, as the evaluate stage's lung audit does on test:
+intact, lungs hidden, lungs only, with the Grad-CAM heat inside the lungs. Logistic regression
+on the pixels (`cxr.baselines`) is scored the same way, on plain and on lung-focused pixels.
+The lungs are each image's own mask file where the archive has them, else the template: an
+audit with the template of a model focused by the same template is circular (hiding the
+template hides nearly all it sees), so there only the intact score and the comparison with
+the focused baseline say something.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cxr.baselines import fit_predict
+from cxr.cache import split_arrays, split_masks
+from cxr.classes import DATASET_DIR, FOLDER_TO_LABEL
+from cxr.lungs import audit_inputs, focus_array
+from cxr.metrics import intervals, mcnemar
+from cxr.params import load_params, with_overrides
+
+
+def machine() -> str:
+    """CPU model, its widest SIMD level, cores, memory: the figures depend on them."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in info.splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor() or "unknown CPU",
+    )
+    flags = set(
+        next(
+            (
+                line.split(":", 1)[1].split()
+                for line in info.splitlines()
+                if line.startswith("flags")
+            ),
+            [],
+        )
+    )
+    simd = next(
+        (
+            name
+            for flag, name in (("amx_tile", "AMX"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
+            if flag in flags
+        ),
+        "no AVX2",
+    )
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (
+        f"{model}, {simd}, {len(os.sched_getaffinity(0))} cores, {memory:.0f} GiB, "
+        f"{time.strftime('%Y-%m-%d')}"
+    )
+
+
+def accuracy(y: np.ndarray, pred: np.ndarray, k: int) -> list[float]:
+    ci = intervals(y, pred, k)["accuracy"]
+    return [float(np.mean(pred == y)), *ci]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--archive", type=Path, required=True)
+    parser.add_argument("--profile", default="real_cpu")
+    parser.add_argument("--models", nargs="+", default=["cnn4_bn"])
+    parser.add_argument("--focus", nargs="+", default=["none", "template"])
+    parser.add_argument("--epochs", type=int, help="cap every model's epochs (a quick look)")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    import keras  # after argparse: --help stays fast
+
+    from cxr.evaluate import lung_audit
+    from cxr.fit import accelerator_settings, fit, settings_for
+    from cxr.prepare import prepare
+
+    root = args.archive / DATASET_DIR if (args.archive / DATASET_DIR).is_dir() else args.archive
+    present = sorted(FOLDER_TO_LABEL[p.name] for p in root.iterdir() if p.name in FOLDER_TO_LABEL)
+    params = with_overrides(load_params(), load_params()[args.profile])
+    params = with_overrides(params, {"data.classes": present})
+    work = Path(tempfile.mkdtemp(prefix="lung-focus-"))
+    try:
+        prepare(args.archive, [], present, params["prepare"], work / "prepared")
+        x_train, y_train, summary = split_arrays(work / "prepared", "train")
+        x_val, y_val, _ = split_arrays(work / "prepared", "val")
+        masks, where = split_masks(work / "prepared", "val")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    classes, k = summary["classes"], len(summary["classes"])
+    region = "own masks" if all(w == "file" for w in where) else "template"
+    print(f"# {machine()}")
+    print(
+        f"# {args.archive}: {len(x_train)} train / {len(x_val)} validation images at "
+        f"{summary['image_size']} px, classes {classes}; audit lungs: {region}\n"
+    )
+    rows = []
+    views = audit_inputs(x_val, masks)
+    for focus in args.focus:
+        prep = focus_array if focus == "template" else (lambda a: a)
+        preds = fit_predict(
+            "logistic_regression", prep(x_train), y_train, [prep(v) for v in views.values()]
+        )
+        rows.append(
+            {
+                "name": "logistic_regression",
+                "focus": focus,
+                "pred": preds[0],
+                **{v: accuracy(y_val, p, k) for v, p in zip(views, preds, strict=True)},
+            }
+        )
+        for name in args.models:
+            p = with_overrides(params, {"train.lung_focus": focus})
+            cfg, builder = settings_for(name, p)
+            if args.epochs:
+                cfg["epochs"] = min(cfg["epochs"], args.epochs)
+            accel = accelerator_settings(cfg)
+            t0 = time.perf_counter()
+            result = fit(
+                name, cfg, builder, (x_train, y_train), (x_val, y_val), k, accel, progress=False
+            )
+            seconds = time.perf_counter() - t0
+            probs = result.model.predict(x_val, verbose=0)
+            audit, audit_probs = lung_audit(
+                result.model, x_val, y_val, masks, classes, params["evaluate"]
+            )
+            pred = probs.argmax(axis=1)
+            rows.append(
+                {
+                    "name": name,
+                    "focus": focus,
+                    "pred": pred,
+                    "seconds": seconds,
+                    "epochs": len(result.history["loss"]),
+                    "train_accuracy": result.history["accuracy"][-1],
+                    "intact": accuracy(y_val, pred, k),
+                    **{
+                        v: accuracy(y_val, audit_probs[v].argmax(axis=1), k)
+                        for v in ("lungs_hidden", "lungs_only")
+                    },
+                    "gradcam_lung_share": audit["gradcam_lung_share"],
+                }
+            )
+            keras.backend.clear_session()
+    lr = {r["focus"]: r for r in rows if r["name"] == "logistic_regression"}
+
+    def cell(v):
+        return f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
+
+    print(
+        "| model | lung focus | val accuracy | lungs hidden | lungs only | Grad-CAM in lungs "
+        "| vs LR (same focus): McNemar p | epochs | fit s |"
+    )
+    print("|---|---|---|---|---|---:|---|---:|---:|")
+    for r in rows:
+        test = mcnemar(y_val, r["pred"], lr[r["focus"]]["pred"])
+        versus = "" if r["name"] == "logistic_regression" else f"{test['p_value']:.3g}"
+        share = f"{r['gradcam_lung_share']:.2f}" if "gradcam_lung_share" in r else ""
+        print(
+            f"| {r['name']} | {r['focus']} | {cell(r['intact'])} | {cell(r['lungs_hidden'])} "
+            f"| {cell(r['lungs_only'])} | {share} | {versus} | {r.get('epochs', '')} "
+            f"| {r.get('seconds', 0):.0f} |"
+        )
+    if args.out:
+        for r in rows:
+            r["pred"] = r["pred"].tolist()
+        args.out.write_text(
+            json.dumps({"machine": machine(), "region": region, "rows": rows}, indent=2)
+        )
+
+
+if __name__ == "__main__":
+    main()
