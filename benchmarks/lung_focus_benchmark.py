@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from cxr.baselines import fit_predict
 from cxr.cache import split_arrays, split_masks
@@ -85,6 +86,14 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["cnn4_bn"])
     parser.add_argument("--focus", nargs="+", default=["none", "template"])
     parser.add_argument("--epochs", type=int, help="cap every model's epochs (a quick look)")
+    parser.add_argument(
+        "-S",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a params override on top of the profile's, as `dvc exp run -S`",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
@@ -98,6 +107,9 @@ def main() -> None:
     present = sorted(FOLDER_TO_LABEL[p.name] for p in root.iterdir() if p.name in FOLDER_TO_LABEL)
     params = with_overrides(load_params(), load_params()[args.profile])
     params = with_overrides(params, {"data.classes": present})
+    for item in args.set:
+        key, _, value = item.partition("=")
+        params = with_overrides(params, {key: yaml.safe_load(value)})
     work = Path(tempfile.mkdtemp(prefix="lung-focus-"))
     try:
         prepare(args.archive, [], present, params["prepare"], work / "prepared")
@@ -108,7 +120,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     classes, k = summary["classes"], len(summary["classes"])
     region = "own masks" if all(w == "file" for w in where) else "template"
-    print(f"# {machine()}")
+    print(f"# {machine()}; overrides: {args.set or 'none'}")
     print(
         f"# {args.archive}: {len(x_train)} train / {len(x_val)} validation images at "
         f"{summary['image_size']} px, classes {classes}; audit lungs: {region}\n"

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 from cxr.images import resize
+from cxr.lungs import audit_inputs
 from cxr.metrics import scores
 from tests.conftest import (
     BIN,
@@ -334,6 +335,14 @@ def test_rescoring_the_champion_never_runs_the_code_it_ships(tmp_path, monkeypat
     probs = model.predict(np.stack([resize(i[..., 0], 8) for i in x])[..., None], verbose=0)
     expected = scores(y, probs, ["a", "b"])["accuracy"]
     assert rescore(f"models:/planted/{version}", x, y, ["a", "b"], "accuracy") == expected
+    # A lung metric scores the images with only their lungs visible, as evaluate did.
+    masks = np.zeros((6, 16, 16), bool)
+    masks[:, 4:12, 4:12] = True
+    only = audit_inputs(x, masks)["lungs_only"]
+    probs = model.predict(np.stack([resize(i[..., 0], 8) for i in only])[..., None], verbose=0)
+    expected = scores(y, probs, ["a", "b"])["macro_f1"]
+    got = rescore(f"models:/planted/{version}", x, y, ["a", "b"], "lungs_only_macro_f1", masks)
+    assert got == expected
     assert not planted.exists()
     mlflow.pyfunc.load_model(f"models:/planted/{version}")  # what the gate used to do
     assert planted.read_text() == "ran"

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from cxr.classes import LABELS
-from cxr.evaluate import lung_audit
+from cxr.evaluate import grad_cam, lung_audit
 from cxr.fit import fit
+from cxr.lungs import focus_crop
 from cxr.metrics import lung_verdict
 from cxr.synthetic import _phantom
 
@@ -68,5 +69,10 @@ def test_the_audit_catches_a_planted_shortcut_and_the_lung_focus_removes_it(spli
         assert intact > 0.8 and audit["lungs_hidden_accuracy"] < 0.4, (intact, audit)
         assert audit["lungs_only_accuracy"] > 0.6, audit
         assert not verdict.startswith("reads mostly outside"), verdict
+        # Grad-CAM maps go back into the crop's place: no heat where the network saw nothing.
+        (top, bottom, left, right), _ = focus_crop(SIZE, SIZE)
+        cams = grad_cam(model, x[:4])[0]
+        assert cams.shape == (4, SIZE, SIZE) and cams[:, top:-bottom, left:-right].max() > 0
+        assert cams[:, :top].max() == cams[:, -bottom:].max() == cams[:, :, :left].max() == 0
     assert 0 <= audit["gradcam_lung_share"] <= 1
     assert audit["lung_area_share"] == pytest.approx(masks.mean())

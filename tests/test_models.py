@@ -64,7 +64,7 @@ def test_input_is_resized_inside_the_model():
 
 @pytest.mark.parametrize("input_size", [None, 32])
 def test_the_lung_focus_shows_only_the_templates_lungs(input_size, tmp_path):
-    from cxr.lungs import FOCUS_FILL, FOCUS_MARGIN, focus_array, template_box, template_mask
+    from cxr.lungs import FOCUS_FILL, FOCUS_MARGIN, focus_array, focus_crop, template_mask
 
     model = build_model(
         "cnn", (64, 64, 1), 4, filters=[8], lung_focus="template", input_size=input_size
@@ -73,7 +73,7 @@ def test_the_lung_focus_shows_only_the_templates_lungs(input_size, tmp_path):
     x = grey_batch(3, 64)[0]
     seen = keras.ops.convert_to_numpy(focus(x.astype("float32")))[..., 0]
     size = input_size or 64
-    lungs = template_mask(size, FOCUS_MARGIN, template_box(FOCUS_MARGIN))
+    lungs = template_mask(size, FOCUS_MARGIN, focus_crop(64, 64)[1])
     assert seen.shape == (3, size, size)
     np.testing.assert_allclose(seen[:, ~lungs], FOCUS_FILL, atol=1e-3)
     assert seen[:, lungs].std() > 30  # the lungs' own pixels pass (cropped, resized)

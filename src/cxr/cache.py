@@ -86,6 +86,4 @@ def split_masks(prepared: Path, split: str) -> tuple[np.ndarray, list[str]]:
     masks = np.load(prepared / "masks.npy", mmap_mode="r")
     _, rows, _ = load_prepared(prepared)
     chosen = [r for r in rows if r["split"] == split]
-    return masks[[int(r["index"]) for r in chosen]].astype(bool), [
-        r.get("lung_mask", "template") for r in chosen
-    ]
+    return masks[[int(r["index"]) for r in chosen]].astype(bool), [r["lung_mask"] for r in chosen]

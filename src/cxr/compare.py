@@ -39,6 +39,11 @@ def collect(models: list[str], evaluation: Path) -> list[dict[str, Any]]:
                 "(or remove the model from train.models)."
             )
         test, run = read_json(folder / "test.json"), read_json(folder / "run.json")
+        if "lungs_hidden_accuracy" not in test:
+            raise CxrError(
+                f"compare: {folder / 'test.json'} has no lung audit (evaluated by an older "
+                f"version); run `dvc repro -f evaluate@{name}`."
+            )
         found = tracking.find_run(run["run_id"])
         timings = {k: (found.data.metrics.get(k, math.nan) if found else math.nan) for k in TIMINGS}
         rows.append(
@@ -129,7 +134,7 @@ def markdown(
         lines.append(
             f"| {r['model']} | "
             + " | ".join(_interval(r, key) for key in AUDIT)
-            + f" | {r['gradcam_lung_share']:.2f} | {lung_verdict(r, n_classes)} |"
+            + f" | {r.get('gradcam_lung_share', math.nan):.2f} | {lung_verdict(r, n_classes)} |"
         )
     lines += [
         "",

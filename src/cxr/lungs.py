@@ -58,6 +58,17 @@ def template_box(margin: float) -> tuple[float, float, float, float]:
     return max(x0, 0.0), max(y0, 0.0), min(x1, 1.0), min(y1, 1.0)
 
 
+def focus_crop(height: int, width: int) -> tuple[tuple[int, int, int, int], tuple]:
+    """The lung focus's crop of an image of this size: ((top, bottom, left, right) pixels cut
+    off each side, the box kept as fractions of the image), whole pixels both, so that the
+    template drawn in the box (`template_mask(..., box)`) lines up with the cropped pixels."""
+    x0, y0, x1, y1 = template_box(FOCUS_MARGIN)
+    top, left = round(y0 * height), round(x0 * width)
+    bottom, right = round(y1 * height), round(x1 * width)
+    box = (left / width, top / height, right / width, bottom / height)
+    return (top, height - bottom, left, width - right), box
+
+
 def mask_file(image: Path) -> Path | None:
     """The dataset's mask of `image` (`<Class>/images/x.png` -> `<Class>/masks/x.png`), or None."""
     if image.parent.name != "images":
@@ -109,8 +120,8 @@ def focus_array(images: np.ndarray) -> np.ndarray:
     shape = images.shape
     grey = images.reshape(shape[:3])
     height, width = shape[1:3]
-    x0, y0, x1, y1 = box = template_box(FOCUS_MARGIN)
-    crop = (round(x0 * width), round(y0 * height), round(x1 * width), round(y1 * height))
+    (top, bottom, left, right), box = focus_crop(height, width)
+    crop = (left, top, width - right, height - bottom)
     lungs = template_mask(height, FOCUS_MARGIN, box)
     out = np.empty_like(grey)
     for i, g in enumerate(grey):

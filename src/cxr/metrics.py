@@ -177,10 +177,17 @@ def outside_share(intact_accuracy: float, hidden_accuracy: float, k: int) -> flo
 
 
 def lung_verdict(row: dict[str, Any], k: int) -> str:
-    """One plain sentence on where a model's accuracy comes from, from its audit figures
-    (test.json's `lungs_hidden_accuracy`, `lungs_only_accuracy`)."""
+    """One plain sentence on where a model's accuracy comes from, from its test.json figures
+    (`accuracy`, `lungs_hidden_accuracy`, `lungs_only_accuracy`, `lung_focus`,
+    `lung_masks_from_files`)."""
     share = outside_share(row["accuracy"], row["lungs_hidden_accuracy"], k)
     hidden, only = row["lungs_hidden_accuracy"], row["lungs_only_accuracy"]
+    if row.get("lung_focus") and row.get("lung_masks_from_files", 0) < 1:
+        return (
+            "not measured: the model's lung focus and the audit both use the lung template "
+            f"(lungs hidden {hidden:.3f}, lungs only {only:.3f}); the images' own lung masks "
+            "are needed to audit it"
+        )
     if math.isnan(share):
         return "not above chance on intact images"
     if share >= 0.5:

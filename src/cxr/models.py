@@ -29,7 +29,7 @@ import keras
 import numpy as np
 from keras import layers
 
-from cxr.lungs import FOCUS_FILL, FOCUS_MARGIN, template_box, template_mask
+from cxr.lungs import FOCUS_FILL, FOCUS_MARGIN, focus_crop, template_mask
 
 POOLINGS = {
     "max": layers.GlobalMaxPooling2D,
@@ -56,15 +56,12 @@ def _head(x, n_classes: int, dense_units: int, dropout: float):
 
 def lung_focus_layers(x, input_shape, size: int):
     """Crop (H, W, 1) images to the template's box, resize to `size`, and set what lies
-    outside the template's lungs to FOCUS_FILL (mid grey: 0 after each model's scaling).
+    outside the template's lungs to FOCUS_FILL (mid grey, the same for every image).
     Built-in layers only: the mask is a Normalization with mean 0 and variance 1 inside the
     lungs (the pixel passes unchanged) and, outside, a standard deviation of 1e6 and a mean
     of -fill * 1e6, which sends every pixel to the fill (within 3e-4 grey levels), in
     float32 whatever the dtype policy."""
-    height, width = input_shape[:2]
-    box = template_box(FOCUS_MARGIN)
-    top, left = round(box[1] * height), round(box[0] * width)
-    bottom, right = height - round(box[3] * height), width - round(box[2] * width)
+    (top, bottom, left, right), box = focus_crop(*input_shape[:2])
     x = layers.Cropping2D(((top, bottom), (left, right)), name="lung_crop")(x)
     x = layers.Resizing(size, size, interpolation="bilinear", name="lung_resize")(x)
     lungs = template_mask(size, FOCUS_MARGIN, box)[..., None]

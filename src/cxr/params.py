@@ -206,6 +206,11 @@ def check_params(params: dict[str, Any]) -> dict[str, Any]:
             f"params.yaml: data.synthetic.shortcut is {data['synthetic']['shortcut']!r}; "
             f"expected one of {list(SHORTCUTS)}."
         )
+    if data["synthetic"]["shortcut"] != "none" and data["topup"]:
+        raise ParamsError(
+            "params.yaml: data.synthetic.shortcut plants a marker in the database's phantoms "
+            "only, not in the top-up set's: set data.topup to null with it."
+        )
     data["classes"] = check_labels(data["classes"])
     prep = params["prepare"]
     if not (

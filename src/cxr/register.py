@@ -9,15 +9,18 @@ finds the version it registered before (by run id) and creates no duplicate.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cxr import tracking
-from cxr.cache import split_arrays
+from cxr.cache import split_arrays, split_masks
 from cxr.io import atomic_path, read_json, write_json
+from cxr.lungs import audit_inputs
 from cxr.metrics import HEADLINE, INTERVALS, INTERVALS_NOTE, lung_verdict, scores
+from cxr.params import LUNG_METRICS
 from cxr.repo import git_commit
 from cxr.requirements import MODEL_REQUIREMENTS, pinned_requirements
 
@@ -86,11 +89,19 @@ def keras_file_of(model_uri: str, into: Path) -> Path:
     return path
 
 
-def rescore(model_uri: str, x: np.ndarray, y: np.ndarray, classes: list[str], metric: str):
+def rescore(
+    model_uri: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    classes: list[str],
+    metric: str,
+    masks: np.ndarray | None = None,
+):
     """`metric` of a registered classifier on the current test images, from its Keras file
     loaded in Keras's safe mode (no pickled code, no Lambda layers), never through its
     pyfunc: loading that runs the code shipped with the version, and anyone who can register
-    a version could run code on the retraining machine."""
+    a version could run code on the retraining machine. A lung metric (`lungs_only_...`)
+    scores the images with only their lungs (`masks`) visible, as the evaluate stage did."""
     import tempfile
 
     import keras
@@ -101,6 +112,8 @@ def rescore(model_uri: str, x: np.ndarray, y: np.ndarray, classes: list[str], me
         model = keras.saving.load_model(
             keras_file_of(model_uri, Path(tmp)), compile=False, safe_mode=True
         )
+    if metric in LUNG_METRICS:
+        x, metric = audit_inputs(x, masks)["lungs_only"], metric.removeprefix("lungs_only_")
     size = int(model.input_shape[1])
     if x.shape[1] != size:
         x = np.stack([resize(image[..., 0], size) for image in x])[..., None]
@@ -197,7 +210,7 @@ def model_card(
         "",
         f"Verdict: {lung_verdict(test, k)}.",
         "",
-        "| test images | accuracy | macro-F1 |",
+        f"| test images (chance: accuracy {1 / k:.3f}) | accuracy | macro-F1 |",
         "|---|---|---|",
     ]
     for view, prefix in (
@@ -216,8 +229,9 @@ def model_card(
         )
     lines += [
         "",
-        f"Grad-CAM heat inside the lungs: {test['gradcam_lung_share']:.2f} on average "
-        f"(the lungs are {test['lung_area_share']:.2f} of the image); chance is {1 / k:.3f}. "
+        "Grad-CAM heat inside the lungs: "
+        f"{test.get('gradcam_lung_share', math.nan):.2f} on average "
+        f"(the lungs are {test['lung_area_share']:.2f} of the image). "
         + (
             "Lungs: each test image's own mask."
             if test["lung_masks_from_files"] == 1
@@ -304,7 +318,10 @@ def register(
         current_score = None  # re-scored only where comparable: same classes
         if current is not None and _classes_of(current) == classes:
             x, y, _ = split_arrays(prepared, "test")
-            current_score = rescore(f"models:/{name}/{current.version}", x, y, classes, metric)
+            masks = split_masks(prepared, "test")[0] if metric in LUNG_METRICS else None
+            current_score = rescore(
+                f"models:/{name}/{current.version}", x, y, classes, metric, masks
+            )
         move, decision = gate(summary["value"], classes, current, current_score, cfg["force"])
     if move:
         client.set_registered_model_alias(name, ALIAS, version.version)
