@@ -152,7 +152,7 @@ def main() -> None:
             )
             seconds = time.perf_counter() - t0
             probs = result.model.predict(x_val, verbose=0)
-            audit, audit_probs = lung_audit(
+            audit, audit_probs, _ = lung_audit(
                 result.model, x_val, y_val, masks, classes, params["evaluate"]
             )
             pred = probs.argmax(axis=1)

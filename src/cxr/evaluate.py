@@ -110,12 +110,12 @@ def lung_audit(
     masks: np.ndarray,
     classes: list[str],
     cfg: dict[str, Any],
-) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """(audit figures, the audit's predicted probabilities per view) of the test images `x`
-    with lung masks `masks`: accuracy and macro-F1 with the lungs hidden and with only the
-    lungs visible, with intervals as for the intact images; the mean share of Grad-CAM heat
-    inside the lungs, overall and per actual class, beside the lungs' share of the image
-    (what heat spread evenly would give)."""
+) -> tuple[dict[str, float], dict[str, np.ndarray], np.ndarray]:
+    """(audit figures, the audit's predicted probabilities per view, every image's Grad-CAM
+    heatmap) of the test images `x` with lung masks `masks`: accuracy and macro-F1 with the
+    lungs hidden and with only the lungs visible, with intervals as for the intact images;
+    the mean share of Grad-CAM heat inside the lungs, overall and per actual class, beside
+    the lungs' share of the image (what heat spread evenly would give)."""
     views = audit_inputs(x, masks)
     probs = {
         view: model.predict(views[view], batch_size=cfg["batch_size"], verbose=0).astype(np.float64)
@@ -133,7 +133,7 @@ def lung_audit(
     # The lung focus (1.0: in the graph) and the template as the audit's lungs see the
     # same region: the audit then measures little (cxr.metrics.lung_verdict says so).
     figures["lung_focus"] = float(_lung_crop(model) != ((0, 0), (0, 0)))
-    return figures, probs
+    return figures, probs, cams
 
 
 def plot_audit(
@@ -340,7 +340,7 @@ def evaluate(
     phases.done("predict")
     metrics = test_metrics(y, probs, classes, cfg)
     phases.done("metrics")
-    audit, audit_probs = lung_audit(model, x, y, masks, classes, cfg)
+    audit, audit_probs, cams = lung_audit(model, x, y, masks, classes, cfg)
     metrics.update(audit)
     # Where the audit's lungs came from: 1.0 = every test image's own mask (the dataset's
     # masks), 0.0 = the template for all (a weaker audit: see cxr.lungs).
@@ -377,11 +377,10 @@ def evaluate(
     chosen = np.concatenate(
         [np.flatnonzero(y == k)[: cfg["gradcam_per_class"]] for k in range(len(classes))]
     )
-    cams, cam_probs = grad_cam(model, x[chosen])
-    plot_grad_cam(
+    plot_grad_cam(  # the audit's heatmaps: Grad-CAM runs once per image
         x[chosen],
-        cams,
-        cam_probs,
+        cams[chosen],
+        probs[chosen],
         y[chosen],
         classes,
         figure_dir / "gradcam.png",
