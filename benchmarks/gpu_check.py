@@ -35,7 +35,6 @@ import atexit
 import gzip
 import json
 import os
-import platform
 import re
 import shutil
 import sys
@@ -96,8 +95,11 @@ def main() -> None:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for name in ("vgg16", "vgg19", "resnet50v2"):
         params["models"][name]["weights"] = "none"  # no weight hub here: from scratch
+    from cxr import machine
+
+    print(f"# {machine.header()}", flush=True)
     report = {
-        "machine": platform.node(),
+        "machine": machine.facts(),
         "keras": keras.__version__,
         "backend": keras.backend.backend(),
         "size": args.size,

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import tempfile
 import time
@@ -28,48 +26,13 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from cxr import machine
 from cxr.baselines import fit_predict
 from cxr.cache import split_arrays, split_masks
 from cxr.classes import DATASET_DIR, FOLDER_TO_LABEL
 from cxr.lungs import audit_inputs, focus_array
 from cxr.metrics import intervals, mcnemar
 from cxr.params import load_params, with_overrides
-
-
-def machine() -> str:
-    """CPU model, its widest SIMD level, cores, memory: the figures depend on them."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in info.splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor() or "unknown CPU",
-    )
-    flags = set(
-        next(
-            (
-                line.split(":", 1)[1].split()
-                for line in info.splitlines()
-                if line.startswith("flags")
-            ),
-            [],
-        )
-    )
-    simd = next(
-        (
-            name
-            for flag, name in (("amx_tile", "AMX"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
-            if flag in flags
-        ),
-        "no AVX2",
-    )
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (
-        f"{model}, {simd}, {len(os.sched_getaffinity(0))} cores, {memory:.0f} GiB, "
-        f"{time.strftime('%Y-%m-%d')}"
-    )
 
 
 def accuracy(y: np.ndarray, pred: np.ndarray, k: int) -> list[float]:
@@ -120,7 +83,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     classes, k = summary["classes"], len(summary["classes"])
     region = "own masks" if all(w == "file" for w in where) else "template"
-    print(f"# {machine()}; overrides: {args.set or 'none'}")
+    print(f"# {machine.header()}; overrides: {args.set or 'none'}")
     print(
         f"# {args.archive}: {len(x_train)} train / {len(x_val)} validation images at "
         f"{summary['image_size']} px, classes {classes}; audit lungs: {region}\n"
@@ -196,7 +159,7 @@ def main() -> None:
         for r in rows:
             r["pred"] = r["pred"].tolist()
         args.out.write_text(
-            json.dumps({"machine": machine(), "region": region, "rows": rows}, indent=2)
+            json.dumps({"machine": machine.facts(), "region": region, "rows": rows}, indent=2)
         )
 
 

@@ -29,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from cxr import machine
 from cxr.classes import DATABASE_COUNTS
 from cxr.cli import exp_run_command
 from cxr.params import load_params
@@ -135,7 +136,8 @@ def main() -> None:
     rows = stage_table(lines)
     total = lines[-1][0]
 
-    print(f"\n# {'full' if args.full else 'demo'} pipeline: {total:.0f} s, exit code {code}\n")
+    print(f"\n# {'full' if args.full else 'demo'} pipeline: {total:.0f} s, exit code {code}")
+    print(f"# {machine.header()}\n")
     print("| stage | wall s | phases (s) |")
     print("|---|---:|---|")
     for row in rows:
@@ -144,7 +146,10 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(
-            json.dumps({"command": command, "seconds": total, "stages": rows}, indent=2)
+            json.dumps(
+                {"machine": machine.facts(), "command": command, "seconds": total, "stages": rows},
+                indent=2,
+            )
         )
     if not args.keep:
         subprocess.run(["dvc", "exp", "remove", name], check=False, capture_output=True)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import psutil
 
+from cxr import machine
 from cxr.classes import DATABASE_COUNTS, LABELS
 from cxr.synthetic import write_dataset
 
@@ -87,6 +88,7 @@ def main() -> None:
         f"{seconds:.1f} s ({n / seconds:.0f} images/s), peak RSS of the process tree "
         f"{peak / 2**30:.2f} GiB, exit code {rc}"
     )
+    print(f"# {machine.header()}")
 
 
 if __name__ == "__main__":

@@ -27,8 +27,6 @@ import argparse
 import csv
 import io
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -41,6 +39,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline_benchmark import add_experiment_arguments, run_experiment, stage_table  # noqa: E402
 
+from cxr import machine  # noqa: E402
 from cxr.baselines import BASELINES, fit_predict  # noqa: E402
 from cxr.cache import load_prepared, split_arrays, split_masks  # noqa: E402
 from cxr.cli import check_data_folder  # noqa: E402
@@ -226,8 +225,7 @@ def main() -> None:
     print(f"\n# real radiographs: {args.archive}, profile {args.profile}, classes {classes}")
     print(
         f"# {len(x_train)} train / {len(y_test)} test images at {summary['image_size']} px; "
-        f"pipeline {total / 60:.1f} min; {platform.node()}, {os.cpu_count()} cores, "
-        f"{time.strftime('%Y-%m-%d')}\n"
+        f"pipeline {total / 60:.1f} min\n# {machine.header()}\n"
     )
     print(
         f"# lung focus: {params['train']['lung_focus']}; audit lungs: "

@@ -22,7 +22,6 @@ import argparse
 import base64
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -34,6 +33,8 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+
+from cxr import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -219,12 +220,9 @@ def main() -> int:
         server.wait(timeout=30)
         log.close()
 
-    import tensorflow as tf
-
     print(
         f"\n{args.arch} at {args.image_size} px, batch {args.batch}, {args.clients} clients, "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"TensorFlow {tf.__version__}, MLflow {mlflow.__version__}\n"
+        f"\n# {machine.header()}\n"
     )
     print("| | images/s | vs keras | p50 | p99 | requests | errors | server peak MB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

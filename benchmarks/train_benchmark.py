@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402  (the study's PNG loader, (d); TensorFlow's own (b))
 
-from cxr import backend  # noqa: E402
+from cxr import backend, machine  # noqa: E402
 from cxr.cache import split_arrays  # noqa: E402
 from cxr.classes import DATASET_DIR, LABELS  # noqa: E402
 from cxr.fit import (  # noqa: E402
@@ -230,7 +229,7 @@ def main() -> None:
     else:
         devices = [d.device_type for d in tf.config.list_physical_devices()]
     print(
-        f"# {platform.node()}: {os.cpu_count()} CPUs, Keras {keras.__version__} on "
+        f"# {machine.header()}\n# Keras on "
         f"{backend.name()}, devices {devices}, {args.image_size} px, "
         f"batch {args.batch_size}, {args.steps} timed steps after "
         f"{args.warmup}, augmentation {'on' if args.augment else 'off'}\n"

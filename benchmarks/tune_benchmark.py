@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from cxr import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,13 +97,10 @@ def main() -> None:
     }
     rows.append(("hand-picked (profile)", hand, wall, len(fitted.history["val_loss"])))
 
-    import tensorflow as tf
-
     print(
         f"\n{args.model}, profile {args.profile} ({params['prepare']['image_size']} px, "
         f"{len(train[0])} training / {len(x_val)} validation images of {args.archive.name}), "
-        f"{args.trials} trials of up to {args.epochs} epochs; {platform.machine()}, "
-        f"{os.cpu_count()} cores, TensorFlow {tf.__version__}\n"
+        f"{args.trials} trials of up to {args.epochs} epochs\n# {machine.header()}\n"
     )
     print("| run | trials (complete/pruned/failed) | epochs trained | wall | trials per hour "
           "| best val_loss | its val_accuracy |")  # fmt: skip

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from cxr import machine
 from cxr.images import resize
 from cxr.lungs import audit_inputs
 from cxr.metrics import scores
@@ -97,6 +98,10 @@ def test_compare_picks_the_champion_and_logs_the_table(repro):
     assert scores[summary["champion"]] == summary["value"]
     table = (repo / "reports" / "compare" / "table.md").read_text()
     assert all(f"| {m} |" in table for m in scores) and "McNemar" in table
+    # Its timings name the CPU they came from, as the training runs logged it.
+    assert (
+        f"Timings come from the training runs in MLflow, on {machine.header(dated=False)}." in table
+    )
     runs = mlflow.MlflowClient(repro["uri"]).search_runs(
         [summary_experiment(repro)], "tags.`cxr.stage` = 'compare'"
     )

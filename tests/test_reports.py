@@ -101,6 +101,7 @@ def test_compare_ranks_tests_the_top_two_and_draws_the_chance_line(tmp_path, par
     assert read_json(tmp_path / "out" / "summary.json") == summary
     table = (tmp_path / "out" / "table.md").read_text()
     assert all(label in table for label in HEADLINE.values()) and "McNemar" in table
+    assert "on a machine this store does not record" in table  # no training runs here
     (chance,) = [line for line in figures[0].axes[0].lines if "chance" in line.get_label()]
     assert chance.get_ydata()[0] == pytest.approx(1 / 3)
     assert chance.get_label() == "chance (3 classes)"

@@ -55,6 +55,7 @@ def collect(models: list[str], evaluation: Path) -> list[dict[str, Any]]:
                 "run_id": run["run_id"],
                 "model_id": run.get("model_id"),
                 "data_fingerprint": found.data.tags.get("cxr.data_fingerprint") if found else None,
+                "machine": found.data.params.get("runtime.machine") if found else None,
             }
         )
     return rows
@@ -136,9 +137,13 @@ def markdown(
             + " | ".join(_interval(r, key) for key in AUDIT)
             + f" | {r.get('gradcam_lung_share', math.nan):.2f} | {lung_verdict(r, n_classes)} |"
         )
+    machines = sorted({r["machine"] for r in ranked if r["machine"]})
     lines += [
         "",
-        "Timings come from the training runs in MLflow and vary run to run; the metrics do not.",
+        "Timings come from the training runs in MLflow, on "
+        + ("; ".join(machines) or "a machine this store does not record")
+        + ". They vary run to run. The metrics are the same on a rerun on the same machine and "
+        "library versions; on another CPU their last digits may move.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -10,7 +10,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from cxr import backend, tracking
+from cxr import backend, machine, tracking
 from cxr.cache import split_arrays
 from cxr.checkpoint import Checkpoint
 from cxr.fit import Fitted, accelerator_settings, early_stopping, fit, settings_for
@@ -187,6 +187,8 @@ def run_params(
         "runtime.deterministic": accel["deterministic"],
         "runtime.replicas": accel["replicas"],
         "runtime.threads": accel["threads"],
+        # Timings (and the last digits of metrics) depend on the CPU: name it.
+        "runtime.machine": machine.header(dated=False),
     }
 
 
