@@ -22,6 +22,7 @@ REAL_SAMPLE = ROOT.parent / "shared" / "data" / "cxr-real-sample"
 TINY = {
     "data.source": "synthetic",
     "data.synthetic.per_class": 30,
+    "data.synthetic.image_size": 128,  # written small: prepare makes them 32 px anyway
     "prepare.image_size": 32,
     "train.epochs": 3,
     "train.batch_size": 16,

@@ -22,6 +22,7 @@ TINY = [
     "train.models=[cnn, cnn4_bn]",
     "prepare.image_size=32",
     "train.epochs=2",
+    "models.cnn.epochs=2",  # the profile's own 60 for cnn would win over train.epochs
     "train.batch_size=16",
     "evaluate.bootstrap=200",
 ]
