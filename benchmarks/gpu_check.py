@@ -97,9 +97,10 @@ def main() -> None:
         params["models"][name]["weights"] = "none"  # no weight hub here: from scratch
     from cxr import machine
 
-    print(f"# {machine.header()}", flush=True)
+    facts = machine.facts()
+    print(f"# {machine.header(f=facts)}", flush=True)
     report = {
-        "machine": machine.facts(),
+        "machine": facts,
         "keras": keras.__version__,
         "backend": keras.backend.backend(),
         "size": args.size,

@@ -221,7 +221,7 @@ def main() -> int:
         log.close()
 
     print(
-        f"\n{args.arch} at {args.image_size} px, batch {args.batch}, {args.clients} clients, "
+        f"\n{args.arch} at {args.image_size} px, batch {args.batch}, {args.clients} clients"
         f"\n# {machine.header()}\n"
     )
     print("| | images/s | vs keras | p50 | p99 | requests | errors | server peak MB |")

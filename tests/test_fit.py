@@ -124,7 +124,8 @@ def test_thread_pools_follow_the_cpu_affinity_in_a_fresh_process():
 
 
 # cnn4_bn only: ResNet50V2's XLA compile takes 100 s on 2 CPU cores (TensorFlow; 40 s on
-# JAX), a sixth of CI. benchmarks/gpu_check.py trains it with bf16 and XLA on a GPU.
+# JAX), a sixth of CI. benchmarks/gpu_check.py trains it with bf16 and XLA on a GPU through
+# Keras on JAX; on TensorFlow that pairing is exercised by a GPU run only.
 @pytest.mark.parametrize("name", ["cnn4_bn"])
 def test_mixed_precision_and_xla_train_as_the_stage_does_on_cpu(name):
     """cxr.fit.fit with a GPU's settings (bf16, XLA, no determinism, several steps per call),

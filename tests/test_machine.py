@@ -29,3 +29,22 @@ def test_the_header_names_cpu_cores_gpu_and_versions():
     assert line.startswith(f"{model} ({simd}), ") and " cores, " in line and "GPU " in line
     assert "keras " in line and line.endswith(machine.facts()["date"])
     assert not machine.header(dated=False).endswith(machine.facts()["date"])
+
+
+@pytest.mark.parametrize(
+    "code, stdout, expected",
+    [
+        (0, "NVIDIA H200\nNVIDIA H200\n", ["NVIDIA H200", "NVIDIA H200"]),
+        (9, "NVIDIA-SMI has failed because it couldn't communicate with the driver.\n", []),
+    ],
+)
+def test_gpus_are_named_only_when_nvidia_smi_succeeds(code, stdout, expected, monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(machine.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(
+        machine.subprocess,
+        "run",
+        lambda *a, **k: SimpleNamespace(returncode=code, stdout=stdout),
+    )
+    assert machine.gpus() == expected

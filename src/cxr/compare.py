@@ -55,7 +55,7 @@ def collect(models: list[str], evaluation: Path) -> list[dict[str, Any]]:
                 "run_id": run["run_id"],
                 "model_id": run.get("model_id"),
                 "data_fingerprint": found.data.tags.get("cxr.data_fingerprint") if found else None,
-                "machine": found.data.params.get("runtime.machine") if found else None,
+                "machine": found.data.tags.get("cxr.machine") if found else None,
             }
         )
     return rows
@@ -141,7 +141,7 @@ def markdown(
     lines += [
         "",
         "Timings come from the training runs in MLflow, on "
-        + ("; ".join(machines) or "a machine this store does not record")
+        + (" | ".join(machines) or "a machine this store does not record")
         + ". They vary run to run. The metrics are the same on a rerun on the same machine and "
         "library versions; on another CPU their last digits may move.",
     ]

@@ -44,15 +44,17 @@ def gpus() -> list[str]:
     if not shutil.which("nvidia-smi"):
         return []
     try:
-        out = subprocess.run(
+        proc = subprocess.run(
             ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
             capture_output=True,
             text=True,
             timeout=10,
-        ).stdout
+        )
     except (OSError, subprocess.SubprocessError):
         return []
-    return [line.strip() for line in out.splitlines() if line.strip()]
+    if proc.returncode != 0:  # e.g. "NVIDIA-SMI has failed ...": no driver, no GPU to name
+        return []
+    return [line.strip() for line in proc.stdout.splitlines() if line.strip()]
 
 
 def versions() -> str:
@@ -79,10 +81,11 @@ def facts() -> dict[str, str | int | float]:
     }
 
 
-def header(dated: bool = True) -> str:
+def header(dated: bool = True, f: dict | None = None) -> str:
     """One line, e.g. 'Intel(R) Xeon(R) Processor (AVX-512 + AMX), 2 cores, 24 GiB, GPU none;
-    python 3.11.7, tensorflow 2.21.0, ...; 2026-12-02' (`dated`: with the date)."""
-    f = facts()
+    python 3.11.7, tensorflow 2.21.0, ...; 2026-12-02' (`dated`: with the date), of `f`
+    (`facts()`, read now by default)."""
+    f = f or facts()
     line = (
         f"{f['cpu']} ({f['simd']}), {f['cores']} cores, {f['memory_gib']} GiB, GPU {f['gpu']}; "
         f"{f['versions']}"

@@ -116,6 +116,9 @@ def train(
     backend.hide_gpus_from_tensorflow()  # TensorBoard's summaries start TensorFlow
     with tracking.start_run(experiment, name, tags, resumed, system_metrics=True) as run:
         checkpoint.start(run.info.run_id)
+        # Timings (and the last digits of metrics) depend on the CPU: name it. A tag, not a
+        # param, so that a training resumed on another machine can update it.
+        mlflow.set_tag("cxr.machine", machine.header(dated=False))
         if resume:
             print(f"train@{name}: resuming MLflow run {resumed} after epoch {resume.epochs_done}")
         mlflow.log_params(
@@ -187,8 +190,6 @@ def run_params(
         "runtime.deterministic": accel["deterministic"],
         "runtime.replicas": accel["replicas"],
         "runtime.threads": accel["threads"],
-        # Timings (and the last digits of metrics) depend on the CPU: name it.
-        "runtime.machine": machine.header(dated=False),
     }
 
 
