@@ -28,12 +28,13 @@ def test_every_architecture_has_settings_here():
     )
 
 
-# On JAX (CI's second pass) VGG16/19 add nothing to cnn6_bn's layers but 30 s of XLA compiles
-# on 2 cores; their from-scratch set-up is checked below on both backends.
+# On JAX (CI's second pass) the transfer models add nothing to the small CNNs' layers but XLA
+# compiles on 2 cores (VGG16/19 30 s, ResNet50V2 43 s); the TensorFlow pass builds, trains
+# and reloads all six, and their from-scratch set-up is checked below on both backends.
 BUILT = (
     sorted(MODELS)
     if keras.backend.backend() == "tensorflow"
-    else sorted(set(MODELS) - {"vgg16", "vgg19"})
+    else sorted(set(MODELS) - {"vgg16", "vgg19", "resnet50v2"})
 )
 
 
