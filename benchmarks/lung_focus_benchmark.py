@@ -83,7 +83,8 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     classes, k = summary["classes"], len(summary["classes"])
     region = "own masks" if all(w == "file" for w in where) else "template"
-    print(f"# {machine.header()}; overrides: {args.set or 'none'}")
+    facts = machine.facts()  # read once: the printed header and the JSON say the same
+    print(f"# {machine.header(f=facts)}; overrides: {args.set or 'none'}")
     print(
         f"# {args.archive}: {len(x_train)} train / {len(x_val)} validation images at "
         f"{summary['image_size']} px, classes {classes}; audit lungs: {region}\n"
@@ -159,7 +160,7 @@ def main() -> None:
         for r in rows:
             r["pred"] = r["pred"].tolist()
         args.out.write_text(
-            json.dumps({"machine": machine.facts(), "region": region, "rows": rows}, indent=2)
+            json.dumps({"machine": facts, "region": region, "rows": rows}, indent=2)
         )
 
 

@@ -137,7 +137,8 @@ def main() -> None:
     total = lines[-1][0]
 
     print(f"\n# {'full' if args.full else 'demo'} pipeline: {total:.0f} s, exit code {code}")
-    print(f"# {machine.header()}\n")
+    facts = machine.facts()  # read once: the printed header and the JSON say the same
+    print(f"# {machine.header(f=facts)}\n")
     print("| stage | wall s | phases (s) |")
     print("|---|---:|---|")
     for row in rows:
@@ -147,7 +148,7 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(
             json.dumps(
-                {"machine": machine.facts(), "command": command, "seconds": total, "stages": rows},
+                {"machine": facts, "command": command, "seconds": total, "stages": rows},
                 indent=2,
             )
         )
