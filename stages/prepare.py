@@ -33,6 +33,7 @@ def main() -> None:
         {
             "n_images": report["n_images"],
             "rejected": len(report["rejects"]),
+            "not_read": sum(e["files"] for e in report["not_read"]),
             "duplicates_removed": sum(len(d) - 1 for d in report["duplicates"]),
             "conflicts": len(report["conflicts"]),
             **report["counts"],
@@ -45,6 +46,11 @@ def main() -> None:
         f"prepare: lung masks: {masks.get('file', 0)} from mask files, "
         f"{masks.get('template', 0)} from the lung template"
     )
+    not_read = report["not_read"]
+    for entry in not_read[:10]:
+        print(f"prepare: not read: {entry['path']} ({entry['files']} files): {entry['reason']}")
+    if len(not_read) > 10:
+        print(f"prepare: ... and {len(not_read) - 10} more not read: reports/data/report.md")
     for note in report["balance"]["notes"]:
         print(f"prepare: {note}")
 

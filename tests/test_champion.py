@@ -14,6 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from PIL import Image
 
 from cxr import machine
 from cxr.images import resize
@@ -48,6 +49,114 @@ def test_gate_decisions():
     moved, why = gate(0.99, classes, other, None, False)
     assert not moved and "register.force" in why
     assert gate(0.99, classes, other, None, True)[0]
+
+
+def test_a_champion_that_cannot_be_scored_is_replaced_and_says_why():
+    from cxr.register import gate
+
+    champion = SimpleNamespace(version="3", tags={"cxr.classes": "a,b"})
+    moved, why = gate(0.1, ["a", "b"], champion, None, False, broken="no MLmodel")
+    assert moved and why.startswith("replaced the current champion (version 3)")
+    assert why.endswith("cannot be loaded or scored: no MLmodel")
+    other = SimpleNamespace(version="3", tags={"cxr.classes": "a,b,c"})  # classes first
+    assert not gate(0.1, ["a", "b"], other, None, False, broken="no MLmodel")[0]
+
+
+def _register_inputs(root: Path, run_id: str, value: float) -> Path:
+    """What prepare, train, evaluate and compare leave for register (a tiny model of run
+    `run_id` claiming `value`); returns the summary's path."""
+    import keras
+    import numpy as np
+
+    from cxr.io import write_json
+    from tests.test_reports import CLASSES, evaluation_json, predictions
+
+    (root / "models" / "cnn").mkdir(parents=True, exist_ok=True)
+    keras.Sequential(
+        [keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(3, "softmax")]
+    ).save(root / "models" / "cnn" / "model.keras")
+    y, probs = predictions(0.8)
+    write_json(root / "evaluation" / "cnn" / "test.json", evaluation_json(y, probs, 0.8))
+    write_json(root / "evaluation" / "cnn" / "per_source.json", {})
+    prepared = root / "prepared"
+    prepared.mkdir(exist_ok=True)
+    np.save(prepared / "images.npy", np.zeros((6, 8, 8), np.uint8))
+    rows = [f"{i},test,{CLASSES[i % 3]}" for i in range(6)]
+    (prepared / "manifest.csv").write_text("index,split,label\n" + "\n".join(rows) + "\n")
+    counts = {"test": dict.fromkeys(CLASSES, 2)}
+    dataset = {"classes": CLASSES, "n_images": 6, "image_size": 8, "counts": counts}
+    write_json(prepared / "dataset.json", {**dataset, "fingerprint": "f" * 64})
+    summary = {"champion": "cnn", "run_id": run_id, "metric": "macro_f1", "value": value}
+    summary |= {"classes": CLASSES, "data_fingerprint": "f" * 64, "ranking": [{}]}
+    write_json(root / "summary.json", summary)
+    return root / "summary.json"
+
+
+def test_a_champion_whose_files_are_gone_is_replaced_not_failed_on(tmp_path, monkeypatch):
+    """The champion's artefacts deleted from the store: the next register replaces it, in a
+    one-line decision naming the version and why, instead of failing on every run; and a
+    failure before the gate decides registers no version."""
+    import shutil
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from cxr import register as register_module
+    from cxr import tracking
+
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))  # a throw-away MLflow store
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    params = {
+        "register": {"model_name": "m", "force": False},
+        "mlflow": {"experiment": "t"},
+        "prepare": {"min_size": 1},
+    }
+    runs = []
+    for _ in range(3):
+        with tracking.start_run("t", "cnn", {}) as training:
+            runs.append(training.info.run_id)
+
+    def register(run_id: str, value: float) -> dict:
+        summary = _register_inputs(tmp_path, run_id, value)
+        return register_module.register(
+            params,
+            summary,
+            tmp_path / "evaluation",
+            tmp_path / "models",
+            tmp_path / "prepared",
+            tmp_path / "reports",
+        )
+
+    try:
+        assert register(runs[0], 0.9)["decision"] == "no champion yet"
+        for model_file in list((tmp_path / "mlartifacts").rglob("MLmodel")):
+            shutil.rmtree(model_file.parent)  # version 1's files, gone from the store
+        # A worse newcomer, which a champion that could be scored would keep out.
+        result = register(runs[1], 0.0)
+        decision = result["decision"]
+        assert decision.startswith("replaced the current champion (version 1), which cannot")
+        assert "models:/m/1 has no files in the artifact store" in decision
+        assert "\n" not in decision
+        assert result["alias_moved"]
+        assert str(result["champion_version"]) == str(result["version"]) == "2"
+        client = mlflow.MlflowClient()
+        assert client.get_model_version("m", "2").tags["cxr.gate"] == decision
+        assert decision in (tmp_path / "reports" / "model_card.md").read_text()
+
+        # A store that fails while the champion is re-scored: raised (not taken for a broken
+        # champion), and no version is left registered without a gate decision.
+        def store_down(*args):
+            raise MlflowException("API request to the store failed")
+
+        monkeypatch.setattr(register_module, "rescore", store_down)
+        with pytest.raises(MlflowException, match="store failed"):
+            register(runs[2], 1.0)
+        versions = client.search_model_versions("name='m'")
+        assert sorted(str(v.version) for v in versions) == ["1", "2"]
+        assert all("cxr.gate" in v.tags for v in versions)
+    finally:
+        mlflow.set_tracking_uri(None)
 
 
 def _json(path):
@@ -174,10 +283,9 @@ def _real_images():
     return sorted(REAL_SAMPLE.rglob("*.png"))[:2]
 
 
-def _post(url: str, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(
-        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
-    )
+def _post(url: str, body: dict | bytes) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data, {"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read())
@@ -253,14 +361,15 @@ def test_served_champion_answers_real_radiographs_and_refuses_bad_requests(repro
         for answer in body["predictions"]:
             assert sum(answer["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
             assert answer["label"] == max(answer["probabilities"], key=answer["probabilities"].get)
-        status, body = _post(
-            f"{url}/invocations", {"dataframe_records": [{"pixels": [[0, 128], [255, 64]]}]}
-        )
+        ramp = [[(r + c) % 256 for c in range(128)] for r in range(128)]  # prepare.min_size
+        status, body = _post(f"{url}/invocations", {"dataframe_records": [{"pixels": ramp}]})
         assert status == 200 and len(body["predictions"]) == 1, body
         secret = base64.b64encode(b"GIF? no; SECRET-PAYLOAD").decode()
         for bad, reason in (
             ({"dataframe_records": [{"image": secret}]}, "not an image"),
             ({"dataframe_records": [{"pixels": [1, 2, 3]}]}, "pixels"),
+            ({"dataframe_records": [{"pixels": [[0, 128], [255, 64]]}]}, "too small: 2x2 <"),
+            (b"[" * 100_000, "nests arrays and objects 100,000 deep"),
             ({"dataframe_records": [{"image": e} for e in encoded * 65]}, "limit of 128"),
             ({"inputs": [[[0, 1], [2, 3]]]}, "2-d input"),
         ):
@@ -284,18 +393,21 @@ def test_cxr_predict_classifies_files_and_names_a_bad_one(repro, tmp_path):
     images = _real_images()
     bad = tmp_path / "notes.png"
     bad.write_text("not a radiograph")
+    dot = tmp_path / "dot.png"
+    Image.new("L", (1, 1)).save(dot)
     proc = run(
-        ["cxr", "predict", *map(str, images), str(bad)],
+        ["cxr", "predict", *map(str, images), str(bad), str(dot)],
         repro["repo"],
         env=repro["env"],
         check=False,
     )
     assert proc.returncode == 1, proc.stderr
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert [line["file"] for line in lines] == [*map(str, images), str(bad)]
+    assert [line["file"] for line in lines] == [*map(str, images), str(bad), str(dot)]
     for line in lines[:2]:
         assert sum(line["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
     assert "not an image" in lines[2]["error"]
+    assert "too small: 1x1 < 128 px" in lines[3]["error"]  # prepare's minimum, not a label
     local = run(
         ["cxr", "predict", "--model", "models/cnn/model.keras", str(images[0])], repro["repo"]
     )

@@ -33,3 +33,42 @@ def test_resize_keeps_range_and_flat_areas():
 def test_16_bit_images_are_scaled_not_clipped():
     img = Image.fromarray(np.full((10, 10), 65535, np.uint16))
     assert to_grey_uint8(img).max() == 255
+
+
+def _saved(img: Image.Image, fmt: str, orientation: int | None = None) -> bytes:
+    import io
+
+    exif = Image.Exif()
+    if orientation:
+        exif[0x0112] = orientation  # the EXIF Orientation tag
+    buffer = io.BytesIO()
+    img.save(buffer, fmt, exif=exif.tobytes(), **({"quality": 95} if fmt == "JPEG" else {}))
+    return buffer.getvalue()
+
+
+def test_exif_orientation_is_applied_where_every_image_is_decoded():
+    """A film stored sideways with EXIF orientation 6 ("rotate 90 degrees clockwise to
+    view") decodes to the upright film: prepare, `cxr predict` and serving all decode here,
+    so the network sees the same pixels and gives the same prediction."""
+    import base64
+
+    import pandas as pd
+
+    from cxr.images import decode_grey
+    from cxr.serving import to_batch
+
+    grey = np.zeros((60, 90), np.uint8)
+    grey[:15] = 255  # a bright band at the top: upright and sideways differ everywhere
+    upright = Image.fromarray(grey)
+    sideways = upright.transpose(Image.Transpose.ROTATE_90)  # 90 degrees anticlockwise
+    assert np.array_equal(decode_grey(_saved(sideways, "PNG", orientation=6)), grey)
+    assert np.array_equal(decode_grey(_saved(upright, "PNG", orientation=1)), grey)
+
+    def served(data: bytes) -> np.ndarray:
+        frame = pd.DataFrame({"image": [base64.b64encode(data).decode()]})
+        return to_batch(frame, 32)[0, ..., 0].astype(int)
+
+    as_sent = served(_saved(upright, "JPEG"))
+    rotated = served(_saved(sideways, "JPEG", orientation=6))
+    assert np.abs(rotated - as_sent).mean() < 2  # JPEG's noise only
+    assert np.abs(served(_saved(sideways, "JPEG")) - as_sent).mean() > 50  # no tag: sideways

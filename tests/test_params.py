@@ -129,6 +129,11 @@ def test_predict_defaults_to_the_champion_of_the_registered_model_name(
         ("train.learning_rate", 0.0, "train.learning_rate is 0.0; expected a number in (0, 1]"),
         ("evaluate.ci_level", 1.5, "evaluate.ci_level is 1.5; expected a number in (0, 1]"),
         ("train.augment.zoom", 2.0, "train.augment.zoom is 2.0; expected a number in [0, 0.9]"),
+        ("models.cnn.pooling", "mean", "models.cnn.pooling is 'mean'; expected one of ['max'"),
+        ("models.cnn.dropout", 1.0, "models.cnn.dropout is 1.0; expected a number in [0, 1)"),
+        ("models.cnn.filters", [32, 0], "models.cnn.filters is [32, 0]; expected a non-empty"),
+        ("models.vgg16.dense_units", "big", "models.vgg16.dense_units is 'big'; expected a"),
+        ("models.cnn4_bn.bn_momentum", 2, "models.cnn4_bn.bn_momentum is 2; expected a number"),
     ],
 )
 def test_out_of_range_params_fail_before_any_work_naming_key_value_and_range(
@@ -145,6 +150,9 @@ def test_out_of_range_params_fail_before_any_work_naming_key_value_and_range(
     [
         ("prepare.image_size", 4, "prepare.image_size is 4"),
         ("models.cnn.dropuot", 0.5, "did you mean 'dropout'"),  # the builder's signature
+        ("models.cnn4_bn.filters", [8, 8], "cnn4_bn has 4 conv blocks: give 4 filter counts"),
+        ("models.vgg16.input_size", 16, "vgg16 needs inputs of at least 32 px"),
+        ("models.cnn.filters", [8] * 7, "cnn needs inputs of at least 128 px"),  # 7 halvings
     ],
 )
 def test_a_profile_with_a_bad_override_fails_before_dvc_starts(tmp_path, key, value, message):
@@ -153,3 +161,58 @@ def test_a_profile_with_a_bad_override_fails_before_dvc_starts(tmp_path, key, va
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.raises(ParamsError, match=message):
         profile_command("demo", params_path=tmp_path / "params.yaml")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("train:\n  epochs: [1, 2\n", r"params.yaml:3:1: not valid YAML \(expected ',' or ']'"),
+        ("a: 1\n\tb: 2\n", r"params.yaml:2:1: not valid YAML"),
+        (
+            "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+            "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c]\n"
+            "e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]\nf: [*e, *e, *e, *e, *e, *e, *e, *e, *e]\n",
+            "aliases \\(\\*name\\) expand to over 100,000 values",
+        ),
+        ("a: " + "x" * 1_000_001, "over the limit of 1,000,000"),
+    ],
+)
+def test_params_that_are_not_sane_yaml_fail_in_one_line_from_every_entry_point(
+    tmp_path, monkeypatch, capsys, text, message
+):
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ParamsError, match=message) as err:
+        load_params(tmp_path / "params.yaml")
+    assert "\n" not in str(err.value) and len(str(err.value)) < 400
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    for argv in (["demo", "--dry-run"], ["predict", "x.png"]):
+        assert main(argv) == 2
+        out = capsys.readouterr()
+        assert out.out == "" and len(out.err.strip().splitlines()) == 1, out
+        assert re.search(message, out.err)
+
+
+def test_a_huge_value_is_cut_in_the_message(tmp_path):
+    path = _write(tmp_path, lambda p: p["models"]["cnn"].update(pooling=["max"] * 50_000))
+    with pytest.raises(ParamsError) as err:
+        load_params(path)
+    message = str(err.value)
+    assert len(message) < 1_100 and "characters cut" in message
+    assert message.startswith("params.yaml: models.cnn.pooling is ['max'")
+    assert message.endswith("expected one of ['max', 'avg', 'flatten'].")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["tune", "cnn", "--trials", "0"], "--trials: 0 is below the minimum of 1"),
+        (["tune", "cnn", "--trials", "-3"], "--trials: -3 is below the minimum of 1"),
+        (["tune", "cnn", "--workers", "0"], "--workers: 0 is below the minimum of 1"),
+        (["tune", "cnn", "--trials", "many"], "--trials: 'many' is not a number"),
+    ],
+)
+def test_cli_counts_below_one_are_refused_not_taken_as_the_default(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err

@@ -1,12 +1,17 @@
 """The guard in front of MLflow's scoring app (`cxr serve`): unit tests on a stand-in app;
-the real server is tested end to end in test_champion.py."""
+the real server is tested end to end in test_champion.py. And `cxr serve`'s start: the
+port taken before the model loads."""
 
 import asyncio
 import json
+import socket
+import subprocess
 
 import pytest
 
-from cxr.server import DRAIN_FACTOR, MAX_REASON, Guard, reason_only
+from cxr import cli, server
+from cxr.server import DRAIN_FACTOR, MAX_DEPTH, MAX_REASON, Guard, json_depth, reason_only
+from tests.conftest import BIN
 
 
 class Recorder:
@@ -130,3 +135,114 @@ def test_error_answers_keep_the_reason_and_drop_the_request_and_trace():
 )
 def test_reason_only(message, reason):
     assert reason_only(message).startswith(reason) and "SECRET" not in reason_only(message)
+
+
+REQUEST = {"dataframe_records": [{"pixels": [[0, 1], [2, 3]]}, {"image": 'a[b{c\\"['}]}
+
+
+def nesting(value) -> int:
+    """The depth of a parsed JSON value, recursively: what json_depth must match."""
+    if isinstance(value, dict):
+        value = list(value.values())
+    return 1 + max(map(nesting, value), default=0) if isinstance(value, list) else 0
+
+
+@pytest.mark.parametrize(
+    ("body", "depth"),
+    [
+        (json.dumps(REQUEST).encode(), 5),
+        (b"", 0),
+        (b'"[[[[{{{{"', 0),  # brackets in a string do not count
+        (rb'["\"[[[", [1]]', 2),  # nor after an escaped quote
+        (rb'["\\", [[1]]]', 3),  # an escaped backslash ends no string
+        (rb'{"a": "\\\"[["}', 1),  # an escaped backslash, then an escaped quote
+        (b"[" * 100_000, 100_000),  # never closed
+        (b"[" + b"[], " * 50 + b"[[]]]", 3),
+        (b'["' + b"[" * (1 << 20) + b'"]', 1),  # a string across the chunks counted at once
+        (b"[" * ((1 << 20) + 7) + b"]" * ((1 << 20) + 7), (1 << 20) + 7),
+    ],
+)
+def test_json_depth_counts_the_nesting_outside_strings(body, depth):
+    assert json_depth(body) == depth
+    if depth < 100:
+        assert nesting(json.loads(body or b"0")) == depth  # the case is valid JSON
+
+
+def test_a_body_nested_too_deeply_is_refused_before_the_app_parses_it():
+    """100,000 `[` (200 kB) made MLflow's parser raise RecursionError (HTTP 500)."""
+    app = Recorder()
+    status, body, _ = call(Guard(app), [b"[" * 50_000, b"[" * 50_000])
+    assert status == 400 and app.bodies == []
+    message = json.loads(body)["message"]
+    assert message.startswith(
+        f"the request body nests arrays and objects 100,000 deep, over the limit of {MAX_DEPTH};"
+        ' send {"dataframe_records": '
+    )
+    assert "\n" not in message
+    too_deep = b"[" * (MAX_DEPTH + 1) + b"]" * (MAX_DEPTH + 1)
+    assert call(Guard(app), [too_deep])[0] == 400 and app.bodies == []
+
+
+def test_a_request_nested_as_usual_reaches_the_app():
+    app = Recorder()
+    request = json.dumps(REQUEST).encode()
+    at_the_cap = b"[" * MAX_DEPTH + b"]" * MAX_DEPTH
+    for body in (request, at_the_cap, b'{"image": "' + b"[" * 1000 + b'"}'):
+        status, _, _ = call(Guard(app), [body[:10], body[10:]])
+        assert status == 200 and app.bodies[-1] == body
+
+
+@pytest.fixture
+def busy_port():
+    """A port another server listens on."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        yield other.getsockname()[1]
+
+
+def in_use(port: int) -> str:
+    return (
+        f"error: port {port} on 127.0.0.1 is in use (Address already in use): choose another "
+        "with --port."
+    )
+
+
+def test_serve_on_a_busy_port_says_so_before_loading_the_model(busy_port, monkeypatch, capsys):
+    """The port is taken first: a busy one is one line, not a failure after the model has
+    loaded (28 s) and "serving ... on ..." was printed."""
+    work = []
+    monkeypatch.setattr(cli, "_model_uri", lambda args: work.append("uri") or "runs:/0/m")
+    monkeypatch.setattr(server, "app_for", lambda *args: work.append("load"))
+    monkeypatch.setattr(server, "run", lambda *args: work.append("run"))
+    assert cli.main(["serve", "--port", str(busy_port)]) == 2
+    out, err = capsys.readouterr()
+    assert work == [] and out == ""
+    assert err == in_use(busy_port) + "\n"
+
+
+def test_cxr_serve_on_a_busy_port_is_one_line_with_a_bogus_model(busy_port, tmp_path):
+    command = [str(BIN / "cxr"), "serve", "--model", "runs:/no-such-run/m", "-p", str(busy_port)]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [in_use(busy_port)]
+
+
+def test_serve_hands_its_socket_and_caps_to_the_server(monkeypatch, capsys):
+    calls = {}
+    monkeypatch.setattr(cli, "_model_uri", lambda args: "runs:/0/m")
+    monkeypatch.setattr(server, "app_for", lambda *args: calls.update(app_for=args))
+    monkeypatch.setattr(server, "run", lambda app, sock: calls.update(run=sock.getsockname()))
+    argv = ["serve", "--port", "0", "--max-body-mb", "2", "--max-megapixels", "1.5"]
+    assert cli.main(argv) == 0
+    assert calls["app_for"] == ("runs:/0/m", 2 << 20, 1_500_000)
+    host, port = calls["run"]
+    assert host == "127.0.0.1" and port > 0
+    assert capsys.readouterr().out == f"serving runs:/0/m on http://127.0.0.1:{port}/invocations\n"
+    assert cli.main(["serve", "--port", "0"]) == 0
+    assert calls["app_for"][2] is None  # the model's own cap: serving.MAX_REQUEST_PIXELS
+
+
+def test_a_host_that_cannot_be_had_is_one_line():
+    with pytest.raises(cli.CxrError, match=r"cannot listen on 192\.0\.2\.1 port 5001 \(.*--host"):
+        server.listen("192.0.2.1", 5001)  # TEST-NET-1: on no interface of this machine

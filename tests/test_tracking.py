@@ -137,10 +137,116 @@ def test_credentials_leave_the_uri_before_mlflow_sees_it(monkeypatch, no_trackin
         ("https://host/api?token=tok3n&x=1", "https://host/api?token=***&x=1"),
         ("http://ml:s3cret@[fe80::1]:5000/", "http://ml:***@[fe80::1]:5000/"),
         ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+        # Only the secrets change: paths keep their slashes, queries their bytes.
+        ("sqlite:////abs/path.db", "sqlite:////abs/path.db"),
+        ("sqlite:///rel.db", "sqlite:///rel.db"),
+        ("file:///x", "file:///x"),
+        (
+            "postgresql+psycopg://user:secret@host:5432/db?sslmode=require",
+            "postgresql+psycopg://user:***@host:5432/db?sslmode=require",
+        ),
+        ("http://user:tok@h/", "http://user:***@h/"),
+        ("mysql://u:p%40ss@db/x?Password=p&ssl=1", "mysql://u:***@db/x?Password=***&ssl=1"),
+        ("https://h/a?x=a%20b&y=1+2&token=t#top", "https://h/a?x=a%20b&y=1+2&token=***#top"),
+        ("https://h/a?flag&x=", "https://h/a?flag&x="),
     ],
 )
-def test_redaction_covers_passwords_tokens_queries_and_ipv6(uri, shown):
+def test_redaction_hides_the_secrets_and_keeps_every_other_byte(uri, shown):
     assert tracking.redact(uri) == shown
+
+
+def test_the_run_record_keeps_the_store_path(local_store, tmp_path):
+    with tracking.start_run("cxr-test", "cnn", {}) as run:
+        tracking.write_run_record(tmp_path / "mlflow_run.json", run)
+    from cxr.io import read_json
+
+    recorded = read_json(tmp_path / "mlflow_run.json")["tracking_uri"]
+    assert recorded == f"sqlite:///{local_store}/mlflow.db"  # four slashes: an absolute path
+
+
+@pytest.fixture
+def no_mlflow_retries(monkeypatch):
+    """MLflow's database retry loop (minutes for a database that is down) fails at once."""
+
+    def entered(uri):
+        raise AssertionError(f"MLflow's retry loop was entered for {uri}")
+
+    monkeypatch.setattr("mlflow.store.db.utils.create_sqlalchemy_engine_with_retry", entered)
+    monkeypatch.setattr(
+        "mlflow.store.model_registry.sqlalchemy_store.create_sqlalchemy_engine_with_retry", entered
+    )
+
+
+@pytest.mark.parametrize("scheme", ["postgresql+psycopg", "postgresql", "mysql", "mssql+pymssql"])
+def test_a_database_that_is_down_is_one_line_without_the_password(
+    scheme, monkeypatch, no_mlflow_retries
+):
+    from cxr.errors import CxrError
+
+    port = _dead_port()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"{scheme}://ml:s3cret@127.0.0.1:{port}/mlflow")
+    with pytest.raises(CxrError) as caught:
+        tracking.check_server()
+    message = str(caught.value)
+    assert message.startswith(
+        f"the MLflow tracking database at {scheme}://ml:***@127.0.0.1:{port}/mlflow does not "
+        f"answer on 127.0.0.1:{port} (Connection refused); start the database"
+    )
+    assert "fix MLFLOW_TRACKING_URI" in message
+    assert "s3cret" not in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("uri", "port"),
+    [
+        ("postgresql+psycopg://ml@db.example/mlflow", 5432),
+        ("mysql+pymysql://ml@db.example/mlflow", 3306),
+        ("mssql+pyodbc://ml@db.example/mlflow?driver=ODBC+Driver+18", 1433),
+        ("postgresql://ml@db.example:6543/mlflow", 6543),
+        ("postgresql:///mlflow?host=/var/run/postgresql", None),  # a Unix socket: not probed
+        ("mssql+pyodbc://ml:pw@my_dsn", None),  # an ODBC data source name: not probed
+    ],
+)
+def test_database_probes_go_to_the_url_port_or_the_default(uri, port, monkeypatch):
+    import socket
+
+    probed = []
+
+    class Connection:
+        def close(self):
+            pass
+
+    def connect(address, timeout):
+        probed.append(address)
+        return Connection()
+
+    monkeypatch.setattr(socket, "create_connection", connect)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    tracking.check_server()
+    assert probed == ([("db.example", port)] if port else [])
+
+
+@pytest.mark.skipif(
+    not os.environ.get("CXR_TEST_BACKEND_STORE_URI"),
+    reason="needs a database URL in CXR_TEST_BACKEND_STORE_URI (.ci/with-postgres sets one)",
+)
+def test_a_database_that_answers_passes(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", os.environ["CXR_TEST_BACKEND_STORE_URI"])
+    tracking.check_server()
+
+
+def test_a_sqlite_store_needs_a_folder_it_can_be_made_in(tmp_path, monkeypatch):
+    from cxr.errors import CxrError
+
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/notes.txt/mlflow.db")
+    import re
+
+    with pytest.raises(CxrError, match=re.escape(f"{tmp_path}/notes.txt is not a writable folder")):
+        tracking.check_server()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/new/dir/mlflow.db")
+    tracking.check_server()  # MLflow makes the missing folders
+    assert not (tmp_path / "new").exists()  # the check itself makes nothing
 
 
 SCRIPT = """
@@ -197,3 +303,18 @@ def test_cxr_predict_says_the_server_is_down_not_run_the_pipeline(monkeypatch, c
     assert main(["predict", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
     assert "does not answer" in err and "Run the pipeline first" not in err
+
+
+def test_cxr_predict_says_the_database_is_down_not_run_the_pipeline(
+    monkeypatch, capsys, tmp_path, no_mlflow_retries
+):
+    from cxr.cli import main
+    from tests.conftest import ROOT
+
+    monkeypatch.chdir(ROOT)
+    uri = f"postgresql+psycopg://ml:s3cret@127.0.0.1:{_dead_port()}/mlflow"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert main(["predict", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "tracking database" in err and "does not answer" in err, err
+    assert "Run the pipeline first" not in err and "s3cret" not in err

@@ -58,7 +58,7 @@ def checked_exp_run_command(
     from cxr.models import check_settings  # imports Keras: only here, not in every stage
 
     for model in effective["train"]["models"]:
-        check_settings(model, effective["models"][model])
+        check_settings(model, effective["models"][model], effective["prepare"]["image_size"])
     return exp_run_command(overrides, params_path)
 
 
@@ -112,10 +112,14 @@ def predict(args: argparse.Namespace) -> int:
     from cxr.serving import load_classifier, predict_files
 
     model = _model_uri(args)
-    # A model file names no classes: params.yaml does.
-    classes = load_params()["data"]["classes"] if model.endswith(".keras") else None
+    # A model file names no classes (params.yaml does); a logged model keeps its min_size.
+    local = load_params() if model.endswith(".keras") else None
     try:
-        predict_fn = load_classifier(model, classes)
+        if local:
+            classes, min_size = local["data"]["classes"], local["prepare"]["min_size"]
+            predict_fn = load_classifier(model, classes, min_size)
+        else:
+            predict_fn = load_classifier(model)
     except Exception as err:  # MLflow says which part of the URI it could not resolve
         raise _cannot_load(model, err) from err
     results = predict_files(predict_fn, args.images)
@@ -125,19 +129,25 @@ def predict(args: argparse.Namespace) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    """Serve a registered model over HTTP (MLflow's scoring protocol) with a body cap and
-    answers that do not repeat the request."""
+    """Serve a registered model over HTTP (MLflow's scoring protocol) with request caps and
+    answers that do not repeat the request. The port is taken first: a busy one fails at
+    once, not after the model has loaded."""
     from cxr import server
 
-    model = _model_uri(args)
-    if model.endswith(".keras"):
-        raise CxrError("cxr serve takes a model URI (models:/..., runs:/...), not a .keras file.")
-    try:
-        app = server.app_for(model, int(args.max_body_mb * 2**20))
-    except Exception as err:
-        raise _cannot_load(model, err) from err
-    print(f"serving {model} on http://{args.host}:{args.port}/invocations", flush=True)
-    server.run(app, args.host, args.port)
+    with server.listen(args.host, args.port) as sock:
+        model = _model_uri(args)
+        if model.endswith(".keras"):
+            raise CxrError(
+                "cxr serve takes a model URI (models:/..., runs:/...), not a .keras file."
+            )
+        max_pixels = None if args.max_megapixels is None else int(args.max_megapixels * 1e6)
+        try:
+            app = server.app_for(model, int(args.max_body_mb * 2**20), max_pixels)
+        except Exception as err:
+            raise _cannot_load(model, err) from err
+        port = sock.getsockname()[1]  # --port 0: the one the system chose
+        print(f"serving {model} on http://{args.host}:{port}/invocations", flush=True)
+        server.run(app, sock)
     return 0
 
 
@@ -191,6 +201,21 @@ def kaggle_version(args: argparse.Namespace) -> int:
     return 0
 
 
+def _at_least(low: float, kind=int):
+    """An argparse type: a number >= `low` (0 is refused, never read as "the default")."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value >= low:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"{text} is below the minimum of {low}")
+        return value
+
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cxr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -224,9 +249,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-p", "--port", type=int, default=5001, help="port (5001)")
     p.add_argument(
         "--max-body-mb",
-        type=float,
+        type=_at_least(0.001, float),
         default=MAX_BODY_BYTES / 2**20,
         help=f"refuse a request body over this many MiB before reading it ({MAX_BODY_BYTES >> 20})",
+    )
+    p.add_argument(
+        "--max-megapixels",
+        type=_at_least(0.001, float),
+        help="refuse a request whose images hold more than this many million pixels in all, "
+        "read from their headers before decoding (default: serving.MAX_REQUEST_PIXELS, 64)",
     )
     p.set_defaults(func=serve)
     p = sub.add_parser(
@@ -234,8 +265,12 @@ def main(argv: list[str] | None = None) -> int:
         help="search a model's settings with Optuna (params.yaml's tune:), or --apply the best",
     )
     p.add_argument("model", help="the architecture, a key of params.yaml's tune.space")
-    p.add_argument("--trials", type=int, help="finished trials the study should hold")
-    p.add_argument("--workers", type=int, default=1, help="processes sharing the cores (1)")
+    p.add_argument(
+        "--trials", type=_at_least(1), help="finished trials the study should hold (>= 1)"
+    )
+    p.add_argument(
+        "--workers", type=_at_least(1), default=1, help="processes sharing the cores (1)"
+    )
     p.add_argument("--profile", choices=PROFILES, help="search (or apply) with this profile")
     p.add_argument(
         "--apply",

@@ -68,6 +68,10 @@ def markdown(report: dict[str, Any]) -> str:
             "Mask files not used (the template stood in)",
             [f"`{n['path']}`: {n['mask']}" for n in report["lung_mask_notes"]],
         ),
+        _listing(
+            "Not read (outside the layout: cxr.layout)",
+            [f"`{e['path']}` ({e['files']} files): {e['reason']}" for e in report["not_read"]],
+        ),
         _listing("Rejected files", [f"`{r['path']}`: {r['reason']}" for r in report["rejects"]]),
         _listing(
             "Exact duplicates (first kept)",
@@ -139,6 +143,7 @@ def log_data_report(params: dict[str, Any], report: dict[str, Any], report_dir: 
             {
                 "n_images": report["n_images"],
                 "n_rejected": len(report["rejects"]),
+                "n_not_read": sum(e["files"] for e in report["not_read"]),
                 "n_conflicts": len(report["conflicts"]),
                 **counts,
             }

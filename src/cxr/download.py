@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from cxr import synthetic
+from cxr import layout, synthetic
 from cxr.classes import DATASET_DIR, FOLDER_TO_LABEL
 from cxr.errors import CxrError
 from cxr.images import IMAGE_SUFFIXES
@@ -318,7 +318,9 @@ def _find_dir(root: Path, name: str) -> Path | None:
     """`root/name`, or the shallowest folder called `name` below root (zips often add one)."""
     if (root / name).is_dir():
         return root / name
-    found = sorted((p for p in root.rglob(name) if p.is_dir()), key=lambda p: len(p.parts))
+    found = sorted(
+        (p for p in root.rglob(name) if p.is_dir()), key=lambda p: (len(p.parts), p.as_posix())
+    )
     return found[0] if found else None
 
 
@@ -327,10 +329,10 @@ def _dataset_root(unpacked: Path, what: str) -> Path:
     found = _find_dir(unpacked, DATASET_DIR)
     if found is not None:
         return found
-    if any((unpacked / folder).is_dir() for folder in FOLDER_TO_LABEL):
+    if layout.has_class_folders(unpacked):
         return unpacked
-    for child in unpacked.iterdir():  # one wrapping folder, class folders inside
-        if child.is_dir() and any((child / folder).is_dir() for folder in FOLDER_TO_LABEL):
+    for child in sorted(unpacked.iterdir()):  # one wrapping folder, class folders inside
+        if layout.has_class_folders(child):
             return child
     raise DownloadError(
         f"{what} is not in the Kaggle layout: expected a folder '{DATASET_DIR}' or class "
@@ -338,18 +340,32 @@ def _dataset_root(unpacked: Path, what: str) -> Path:
     )
 
 
+def _is_copy(folder: Path) -> bool:
+    return (
+        _find_dir(folder, DATASET_DIR) is not None
+        or layout.has_class_folders(folder)
+        or any(layout.has_class_folders(child) for child in folder.iterdir() if child.is_dir())
+    )
+
+
 def count_images(root: Path) -> dict[str, int]:
-    """Image files per class folder; the lung masks beside them (`masks/`) are not images."""
-    counts = {}
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        counts[folder.name] = sum(
-            1
-            for p in folder.rglob("*")
-            if p.is_file()
-            and p.suffix.lower() in IMAGE_SUFFIXES
-            and "masks" not in p.relative_to(folder).parts
+    """Image files per folder of the top-up set (`train/`, `val/`, `test/`)."""
+    return {
+        folder.name: sum(
+            1 for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
         )
-    return counts
+        for folder in sorted(p for p in root.iterdir() if p.is_dir())
+    }
+
+
+def _not_unpacked(unpacked: Path, root: Path, what: str) -> list[dict[str, Any]]:
+    """What `unpacked` holds besides the dataset folder `root`: said, and listed."""
+    entries = []
+    for path, n, reason in layout.outside(unpacked, root, _is_copy):
+        rel = path.relative_to(unpacked).as_posix()
+        print(f"download: {what}: not read: {rel} ({n} files): {reason}")
+        entries.append({"path": rel, "files": n, "reason": reason})
+    return entries
 
 
 def sha256_file(path: Path) -> str:
@@ -384,14 +400,22 @@ def unpack_into(source: Path, out: Path, name: str, what: str) -> dict[str, Any]
         root = _find_dir(unpacked, name)
         if root is None:
             raise DownloadError(f"{what} {source} has no folder '{name}'.")
+    skipped = _not_unpacked(unpacked, root, what)
+    if skipped:
+        info["not_read"] = skipped
     if source.is_file():
         os.replace(root, out / name)
         shutil.rmtree(out / f".{name}.unpack", ignore_errors=True)
     else:  # a user's folder: copy, never move, and never follow a link out of it
         _refuse_links(root, f"{what} {source}")
         shutil.copytree(root, out / name, symlinks=False)
-    info["files"] = count_images(out / name)
+    info["files"] = _files(out / name, name)
     return info
+
+
+def _files(folder: Path, name: str) -> dict[str, int]:
+    """The files prepare reads per class folder (layout.survey) or the top-up's counts."""
+    return layout.survey(folder).counts() if name == DATASET_DIR else count_images(folder)
 
 
 # ---------------------------------------------------------------------------- stage
@@ -419,7 +443,7 @@ def download(
                     tmp / TOPUP_DIR, cfg["per_class"], cfg["image_size"], cfg["seed"]
                 )
             info["synthetic"] = cfg
-            info["files"] = count_images(tmp / DATASET_DIR)
+            info["files"] = _files(tmp / DATASET_DIR, DATASET_DIR)
         elif source == "archive":
             info.update(unpack_into(Path(data["archive"]), tmp, DATASET_DIR, "data.archive"))
         else:

@@ -6,9 +6,19 @@ import signal
 import sys
 from collections.abc import Callable
 
+MAX_MESSAGE = 1_000  # characters: a message quotes the user's values, which can be huge
+
 
 class CxrError(Exception):
-    """Bad input or configuration; the message names the problem and the fix."""
+    """Bad input or configuration; the message names the problem and the fix. A message over
+    MAX_MESSAGE characters keeps its start and its end (the fix), the middle cut."""
+
+    def __init__(self, message: object = ""):
+        text = str(message)
+        if len(text) > MAX_MESSAGE:
+            head, tail = text[: MAX_MESSAGE * 3 // 5], text[-MAX_MESSAGE // 3 :]
+            text = f"{head} [... {len(text) - MAX_MESSAGE:,} characters cut ...] {tail}"
+        super().__init__(text)
 
 
 def run_stage(main: Callable[[], object]) -> None:

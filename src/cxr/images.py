@@ -1,6 +1,7 @@
 """Decoding radiographs: the one place that turns a file into pixels (prepare, predict, serving).
 
-`decode_grey` validates as it decodes and says why a file is rejected; `resize` brings the
+`decode_grey` validates as it decodes (EXIF orientation applied) and says why a file is
+rejected; `resize` brings the
 pixels to the model's size; `content_hash` and `perceptual_hash` find exact and near
 duplicates.
 """
@@ -13,7 +14,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MAX_PIXELS = 50_000_000  # ~7000 x 7000: far above any radiograph, far below a decompression bomb
@@ -73,7 +74,9 @@ def decode_grey(
                 if img.mode not in SUPPORTED_MODES:
                     raise ImageRejected(f"unsupported pixel mode {img.mode!r}")
                 img.load()
-                grey = to_grey_uint8(img)
+                # A camera or phone JPEG stored sideways says so in its EXIF orientation:
+                # applied here, so prepare, predict and serving all see the film upright.
+                grey = to_grey_uint8(ImageOps.exif_transpose(img))
     except ImageRejected:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:

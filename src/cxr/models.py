@@ -31,11 +31,13 @@ from keras import layers
 
 from cxr.lungs import FOCUS_FILL, FOCUS_MARGIN, focus_crop, template_mask
 
-POOLINGS = {
+POOLINGS = {  # its names: cxr.params.POOLINGS (checked there without importing Keras)
     "max": layers.GlobalMaxPooling2D,
     "avg": layers.GlobalAveragePooling2D,
     "flatten": layers.Flatten,
 }
+# keras.applications refuse inputs under 32 x 32 (five halvings in VGG, ResNet's stem).
+TRANSFER_MIN_INPUT = 32
 # ImageNet channel means of the "caffe" preprocessing that VGG expects (BGR order; with three
 # equal grey channels the order of the channels themselves does not matter).
 VGG_MEAN_BGR = (103.939, 116.779, 123.68)
@@ -150,6 +152,7 @@ def _build_bn_cnn(name: str, blocks: int):
 
     build.__name__ = f"build_{name}"
     build.__doc__ = f"{blocks} conv blocks (conv, batch norm, ReLU), max pooling, dense head."
+    build.blocks, build.halvings = blocks, blocks if blocks <= 4 else blocks // 2
     return build
 
 
@@ -225,6 +228,7 @@ def _build_transfer(name: str, application, preprocess: str):
 
     build.__name__ = f"build_{name}"
     build.__doc__ = f"{name} base (keras.applications) on repeated grey channels, dense head."
+    build.min_input = TRANSFER_MIN_INPUT
     return build
 
 
@@ -247,10 +251,22 @@ MODELS: dict[str, Callable[..., keras.Model]] = {
 TRAINING_KEYS = ("learning_rate", "epochs", "batch_size", "schedule", "augment")
 
 
-def check_settings(name: str, settings: dict) -> None:
+def _min_input(name: str, settings: dict) -> int:
+    """The smallest input side `name`'s graph takes: one pixel left after its halvings."""
+    builder = MODELS[name]
+    if hasattr(builder, "min_input"):
+        return builder.min_input
+    filters = settings.get("filters")
+    halvings = getattr(builder, "halvings", None) or len(filters or (0, 0, 0))
+    return 2**halvings
+
+
+def check_settings(name: str, settings: dict, image_size: int | None = None) -> None:
     """Fail, naming the key and the fix, when params.yaml's models.<name> has a key its
-    builder does not take (a typo would be a TypeError deep in the train stage) or a
-    `weights` that is neither imagenet, none nor a file."""
+    builder does not take (a typo would be a TypeError deep in the train stage), a
+    `weights` that is neither imagenet, none nor a file, a `filters` list that does not fit
+    the architecture, or (given the prepared `image_size`) an input too small for it. The
+    values of each key: cxr.params.MODEL_RANGES."""
     import difflib
     import inspect
 
@@ -272,6 +288,19 @@ def check_settings(name: str, settings: dict) -> None:
         raise ParamsError(
             f"params.yaml: models.{name}.weights is {weights!r}; expected imagenet, none "
             "(from scratch) or the path of a weights file for the base (not found)."
+        )
+    blocks = getattr(MODELS[name], "blocks", None)
+    if blocks and settings.get("filters") and len(settings["filters"]) != blocks:
+        raise ParamsError(
+            f"params.yaml: models.{name}.filters has {len(settings['filters'])} entries; "
+            f"{name} has {blocks} conv blocks: give {blocks} filter counts."
+        )
+    size = settings.get("input_size") or image_size
+    if size is not None and size < _min_input(name, settings):
+        where = f"models.{name}.input_size" if settings.get("input_size") else "prepare.image_size"
+        raise ParamsError(
+            f"params.yaml: {where} is {size}; {name} needs inputs of at least "
+            f"{_min_input(name, settings)} px: set models.{name}.input_size to that or more."
         )
 
 

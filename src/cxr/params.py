@@ -26,6 +26,7 @@ METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc_macro")
 LUNG_METRICS = ("lungs_only_macro_f1", "lungs_only_accuracy")
 LUNG_FOCUS = ("none", "template")
 SHORTCUTS = ("none", "marker")
+POOLINGS = ("max", "avg", "flatten")  # the names of cxr.models.POOLINGS' layers
 
 
 def _whole(low: int, high: int | None = None):
@@ -35,11 +36,29 @@ def _whole(low: int, high: int | None = None):
     return ok, f"a whole number >= {low}" + (f" and <= {high}" if high else "")
 
 
-def _number(low: float, high: float, open_low: bool = False):
+def _number(low: float, high: float, open_low: bool = False, open_high: bool = False):
     def ok(v):
-        return (low < v if open_low else low <= v) and v <= high
+        if not isinstance(v, int | float) or isinstance(v, bool):
+            return False
+        return (low < v if open_low else low <= v) and (v < high if open_high else v <= high)
 
-    return ok, f"a number in {'(' if open_low else '['}{low}, {high}]"
+    return ok, f"a number in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+
+
+def _choice(options: tuple[str, ...]):
+    return (lambda v: v in options), f"one of {list(options)}"
+
+
+def _optional(rule):
+    ok, expected = rule
+    return (lambda v: v is None or ok(v)), f"null or {expected}"
+
+
+def _whole_list(low: int):
+    ok, expected = _whole(low)
+    return (lambda v: isinstance(v, list) and bool(v) and all(ok(f) for f in v)), (
+        f"a non-empty list of whole numbers >= {low}"
+    )
 
 
 # Ranges of numeric keys: a value outside fails before any work, naming key, value and range.
@@ -66,6 +85,20 @@ RANGES: dict[str, tuple[Any, str]] = {
     "evaluate.gradcam_per_class": _whole(0),
     "tune.trials": _whole(1),
     "tune.epochs": _whole(1),
+}
+
+# Values of the model builders' settings (models.<name>.<key>; which keys each builder takes,
+# and what depends on the architecture, cxr.models.check_settings checks): checked with the
+# rest, so a bad value fails in the first stage, not in train after download and prepare.
+MODEL_RANGES: dict[str, tuple[Any, str]] = {
+    "fine_tune_layers": _whole(0),
+    "dense_units": _whole(1),
+    "dropout": _number(0, 1, open_high=True),
+    "bn_momentum": _number(0, 1),
+    "pooling": _choice(POOLINGS),
+    "filters": _whole_list(1),
+    "input_size": _optional(_whole(16)),
+    "lung_focus": _choice(LUNG_FOCUS),
 }
 
 # Required keys of each section, with the type they must have (nested dicts are checked too).
@@ -175,12 +208,52 @@ def _check(value: Any, schema: Any, where: str) -> None:
         )
 
 
-def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
-    """Read and validate params.yaml; return it as a plain dict."""
+MAX_YAML_BYTES = 1_000_000  # params.yaml is about 10 kB; dvc.yaml about 8 kB
+MAX_YAML_VALUES = 100_000  # values once YAML aliases are expanded (an alias bomb: billions)
+
+
+def _values(node: Any, sizes: dict[int, int]) -> int:
+    """How many values `node` holds with aliases expanded, counting each shared node once
+    (linear in the file, not in the expansion)."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+    sizes[id(node)] = 0  # a recursive alias (&a [*a]) counts as finite here; PyYAML builds it
+    sizes[id(node)] = total = 1 + sum(_values(child, sizes) for child in children)
+    return total
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file as plain data, refused in one line with its file, line and column when it
+    is not YAML, over MAX_YAML_BYTES, or expanding to over MAX_YAML_VALUES values."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path} not found; run from the repository root.")
-    return check_params(yaml.safe_load(path.read_text()) or {})
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise ParamsError(
+            f"{path} is {path.stat().st_size:,} bytes, over the limit of {MAX_YAML_BYTES:,}; "
+            "is it the right file?"
+        )
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ParamsError(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8.") from err
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        raise ParamsError(f"{where}: not valid YAML ({problem[:200]}); fix it there.") from err
+    if _values(data, {}) > MAX_YAML_VALUES:
+        raise ParamsError(
+            f"{path}: its YAML aliases (*name) expand to over {MAX_YAML_VALUES:,} values; "
+            "write the values out instead."
+        )
+    return data
+
+
+def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """Read and validate params.yaml; return it as a plain dict."""
+    return check_params(read_yaml(path) or {})
 
 
 def check_params(params: dict[str, Any]) -> dict[str, Any]:
@@ -302,6 +375,11 @@ def _check_model_training_keys(model: str, settings: Any, train: dict[str, Any])
             f"params.yaml: models.{model}.augment is {augment!r}; expected a mapping of some "
             f"of {sorted(train['augment'])}."
         )
+    for key, (ok, expected) in MODEL_RANGES.items():
+        if key in settings and not ok(settings[key]):
+            raise ParamsError(
+                f"params.yaml: models.{model}.{key} is {settings[key]!r}; expected {expected}."
+            )
     merged["augment"] = {**train["augment"], **augment}
     if merged["schedule"] not in SCHEDULES:
         raise ParamsError(
@@ -346,7 +424,7 @@ def stage_params(
     changes. `untracked`: keys the stage reads that do not change its results, so changing
     them reruns nothing (DVC does not see them)."""
     params = load_params(path)
-    stages = yaml.safe_load((Path(path).parent / "dvc.yaml").read_text())["stages"]
+    stages = read_yaml(Path(path).parent / "dvc.yaml")["stages"]
     view = StageParams(stage)
     for key in [*stages[stage].get("params", []), *untracked]:
         for name, value in (item or {}).items():

@@ -3,8 +3,9 @@
 Order matters (DESIGN §3): duplicates are found before balancing and splitting, balancing
 never copies an image, and near-duplicate groups never straddle train/val/test.
 
-1. index: the class folders of `raw/` (either Kaggle layout), your images in `data/`, and,
-   for `balance: top-up`, the paediatric pneumonia films in `raw/chest_xray/`;
+1. index: the class folders of `raw/` (either Kaggle layout, cxr.layout), your images in
+   `data/`, and, for `balance: top-up`, the paediatric pneumonia films in `raw/chest_xray/`;
+   every other file is listed as not read, with its reason;
 2. scan (all cores): decode and validate every file, hash its pixels (exact duplicates) and
    its look (perceptual hash), and write it at `image_size` into a scratch array;
 3. dedupe: one copy of each exact duplicate is kept; the same pixels under two labels is a
@@ -32,8 +33,9 @@ from typing import Any
 
 import numpy as np
 
+from cxr import layout
 from cxr.cache import SPLITS, write_index
-from cxr.classes import DATASET_DIR, FOLDER_TO_LABEL, LABEL_TO_FOLDER, TOPUP_LABEL
+from cxr.classes import DATASET_DIR, LABEL_TO_FOLDER, TOPUP_LABEL
 from cxr.dedupe import dedupe
 from cxr.errors import CxrError
 from cxr.images import (
@@ -70,13 +72,6 @@ def _class_root(root: Path) -> Path:
     return nested if nested.is_dir() else root
 
 
-def _files_in(folder: Path) -> list[Path]:
-    # Both layouts: <Class>/images/*.png (current) and <Class>/*.png (older versions). Every
-    # file is listed, whatever its name, so that a non-image is rejected with a reason.
-    where = folder / "images" if (folder / "images").is_dir() else folder
-    return sorted(p for p in where.iterdir() if p.is_file() and not p.name.startswith("."))
-
-
 def topup_files(raw: Path, mode: str) -> list[Path]:
     """Pneumonia films of the paediatric set: `viral` (all splits, `virus` in the name) or
     `all` (what the study read: train/PNEUMONIA, viral and bacterial)."""
@@ -100,28 +95,40 @@ def topup_files(raw: Path, mode: str) -> list[Path]:
 
 
 def index_images(
-    raw: Path, extra: list[Path], classes: list[str], topup: str | None = None
+    raw: Path,
+    extra: list[Path],
+    classes: list[str],
+    topup: str | None = None,
+    skipped: list[dict[str, Any]] | None = None,
 ) -> list[Item]:
-    """List the files of `classes` in `raw` (required), `extra` (optional) and the top-up."""
+    """List the files of `classes` in `raw` (required), `extra` (optional) and the top-up
+    (cxr.layout); what is not read goes to `skipped` as {path, files, reason}."""
     items: list[Item] = []
     base = _class_root(raw)
-    found = sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
-    present = [FOLDER_TO_LABEL[f] for f in found if f in FOLDER_TO_LABEL]
-    for label in classes:
-        folder = base / LABEL_TO_FOLDER[label]
-        if not folder.is_dir():
-            raise DataError(
-                f"Class folder '{LABEL_TO_FOLDER[label]}' (label '{label}') not found under "
-                f"{base}; found: {', '.join(found) or 'nothing'}. Set data.classes to the "
-                f"classes present (here: {present}) to train on a subset."
-            )
-        items += [Item(p, label) for p in _files_in(folder)]
+    found = layout.survey(base, classes)
+    missing = [label for label in classes if label not in found.images]
+    if missing:
+        names = [p.name for p in sorted(base.iterdir()) if p.is_dir()] if base.is_dir() else []
+        present = [label for label in classes if label in found.images] + [
+            label for label in found.folders if label not in classes
+        ]
+        raise DataError(
+            f"Class folder(s) {[LABEL_TO_FOLDER[m] for m in missing]} (label(s) {missing}) "
+            f"not found under {base}; found: {', '.join(names) or 'nothing'} (names are "
+            "matched ignoring case, spaces, '_' and '-'). Set data.classes to the classes "
+            f"present (here: {present}) to train on a subset."
+        )
+    surveys = [(found, "database")]
     for root in extra:
-        base = _class_root(root)
+        surveys.append((layout.survey(_class_root(root), classes), "user"))
+    for survey, origin in surveys:
         for label in classes:
-            folder = base / LABEL_TO_FOLDER[label]
-            if folder.is_dir():
-                items += [Item(p, label, "user") for p in _files_in(folder)]
+            items += [Item(p, label, origin) for p in survey.images.get(label, [])]
+        if skipped is not None:
+            skipped += [
+                {"path": _rel(path), "files": n, "reason": reason}
+                for path, n, reason in survey.skipped
+            ]
     if topup and TOPUP_LABEL in classes:
         items += [Item(p, TOPUP_LABEL, "topup") for p in topup_files(raw, topup)]
     return items
@@ -410,7 +417,10 @@ def prepare(
             "prepare.balance is 'top-up' but data.topup is null: set data.topup "
             "to 'viral' or 'all' (see README, Balancing)."
         )
-    items = index_images(raw, extra, classes, topup if cfg["balance"] == "top-up" else None)
+    skipped: list[dict[str, Any]] = []
+    items = index_images(
+        raw, extra, classes, topup if cfg["balance"] == "top-up" else None, skipped
+    )
     size = cfg["image_size"]
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
@@ -476,6 +486,7 @@ def prepare(
             for i, r in enumerate(facts["reject"])
             if r is not None
         ],
+        "not_read": skipped,
         "duplicates": [paths(c) for c in found["duplicates"]],
         "conflicts": [
             {"paths": paths(c), "labels": sorted({items[i].label for i in c})}

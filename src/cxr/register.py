@@ -3,13 +3,18 @@
 The champion's Keras model is logged once into its training run as the `classifier` pyfunc
 (see serving.py) and registered as a version of `register.model_name`. The `champion` alias
 moves to it only when it scores at least as well as the current champion re-scored on the
-current test split, and never across different class sets, unless `register.force`. A rerun
-finds the version it registered before (by run id) and creates no duplicate.
+current test split, and never across different class sets, unless `register.force`. A
+current champion that cannot be loaded or scored (its files gone from the artifact store)
+is replaced, and the decision says why: kept, it would fail every later run. The gate
+decides before a new version exists, and the version is made with its decision (the
+`cxr.gate` tag), so no failure leaves a version without one. A rerun finds the version it
+registered before (by run id) and creates no duplicate.
 """
 
 from __future__ import annotations
 
 import math
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -82,10 +87,14 @@ def keras_file_of(model_uri: str, into: Path) -> Path:
     from mlflow.artifacts import download_artifacts
 
     local = Path(download_artifacts(artifact_uri=model_uri, dst_path=str(into)))
+    if not (local / "MLmodel").is_file():  # MLflow downloads an empty folder without a word
+        raise FileNotFoundError(f"{model_uri} has no files in the artifact store (no MLmodel)")
     flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
     path = (local / flavor["artifacts"]["keras_model"]["path"]).resolve()
     if not path.is_relative_to(local.resolve()):
         raise ValueError(f"{model_uri}: its Keras file {path} lies outside the model")
+    if not zipfile.is_zipfile(path):  # Keras says "File not found" for both
+        raise ValueError(f"{model_uri}: its Keras file {path.name} is missing or not a zip")
     return path
 
 
@@ -121,14 +130,48 @@ def rescore(
     return scores(y, probs, classes)[metric]
 
 
+def _store_failed(err: Exception) -> bool:
+    """Whether `err` came from a store that did not answer, which says nothing about the
+    version (MLflow wraps connection errors in an MlflowException)."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, MlflowException):
+        return err.error_code != "RESOURCE_DOES_NOT_EXIST"
+    return isinstance(
+        err, (ConnectionError, TimeoutError, requests.ConnectionError, requests.Timeout)
+    )
+
+
+def _rescore_champion(
+    name: str, version: str, prepared: Path, classes: list[str], metric: str
+) -> tuple[float | None, str | None]:
+    """(score, None) of the current champion on the current test split, or (None, why) when
+    its own files cannot be loaded or scored (deleted from the artifact store, a missing or
+    corrupt Keras file). A store that does not answer is raised, not taken for a broken
+    champion."""
+    x, y, _ = split_arrays(prepared, "test")
+    masks = split_masks(prepared, "test")[0] if metric in LUNG_METRICS else None
+    try:
+        return rescore(f"models:/{name}/{version}", x, y, classes, metric, masks), None
+    except Exception as err:
+        if _store_failed(err):
+            raise
+        lines = tracking.scrub(str(err)).strip().splitlines() or [type(err).__name__]
+        why = lines[0]  # one line, bounded: it goes into the decision, a tag and the card
+        return None, why if len(why) <= 300 else why[:297] + "..."
+
+
 def gate(
     newcomer: float,
     classes: list[str],
     current: Any | None,
     current_score: float | None,
     force: bool,
+    broken: str | None = None,
 ) -> tuple[bool, str]:
-    """(move the alias?, why), from the newcomer's score and the current champion's."""
+    """(move the alias?, why), from the newcomer's score and the current champion's, or why
+    the current champion could not be scored (`broken`)."""
     if current is None:
         return True, "no champion yet"
     theirs = _classes_of(current)
@@ -138,6 +181,11 @@ def gate(
         return False, (
             f"refused: the current champion (version {current.version}) predicts {theirs}, "
             f"this model {classes}; set register.force: true to replace it anyway"
+        )
+    if broken is not None:
+        return True, (
+            f"replaced the current champion (version {current.version}), which cannot be "
+            f"loaded or scored: {broken}"
         )
     if newcomer >= current_score:
         return True, f"{newcomer:.4f} >= current champion's {current_score:.4f} (re-scored)"
@@ -288,13 +336,33 @@ def register(
     summary = read_json(summary_path)
     champion, run_id, metric = summary["champion"], summary["run_id"], summary["metric"]
     classes = summary["classes"]
+    test = read_json(evaluation / champion / "test.json")
+    sources = read_json(evaluation / champion / "per_source.json")
+    dataset = read_json(prepared / "dataset.json")
     client = _client()
     _ensure_registered_model(client, name)
 
+    # The gate decides before a new version exists: a failure on the way registers none.
     version = _version_of_run(client, name, run_id)
-    if version is None:
+    current = _current_champion(client, name)
+    if version is not None and current is not None and current.version == version.version:
+        move, decision = True, "already the champion"
+    else:
+        current_score, broken = None, None  # re-scored only where comparable: same classes
+        if current is not None and _classes_of(current) == classes:
+            current_score, broken = _rescore_champion(
+                name, current.version, prepared, classes, metric
+            )
+        move, decision = gate(
+            summary["value"], classes, current, current_score, cfg["force"], broken
+        )
+
+    created = version is None
+    if created:
         with tracking.start_run(params["mlflow"]["experiment"], champion, {}, run_id=run_id):
-            info = _log_classifier(models / champion / "model.keras", classes)
+            info = _log_classifier(
+                models / champion / "model.keras", classes, params["prepare"]["min_size"]
+            )
         version = mlflow.register_model(
             info.model_uri,
             name,
@@ -305,36 +373,18 @@ def register(
                 "cxr.data_fingerprint": summary["data_fingerprint"] or "",
                 "cxr.git_commit": git_commit(),
                 f"test_{metric}": f"{summary['value']:.6f}",
+                "cxr.gate": decision,  # made with the version, in one transaction
             },
         )
-        created = True
-    else:
-        created = False
-
-    current = _current_champion(client, name)
-    if current is not None and current.version == version.version:
-        move, decision = True, "already the champion"
-    else:
-        current_score = None  # re-scored only where comparable: same classes
-        if current is not None and _classes_of(current) == classes:
-            x, y, _ = split_arrays(prepared, "test")
-            masks = split_masks(prepared, "test")[0] if metric in LUNG_METRICS else None
-            current_score = rescore(
-                f"models:/{name}/{current.version}", x, y, classes, metric, masks
-            )
-        move, decision = gate(summary["value"], classes, current, current_score, cfg["force"])
     if move:
         client.set_registered_model_alias(name, ALIAS, version.version)
+    client.set_model_version_tag(name, version.version, "cxr.gate", decision)
 
-    test = read_json(evaluation / champion / "test.json")
-    dataset = read_json(prepared / "dataset.json")
     out_dir.mkdir(parents=True, exist_ok=True)
-    sources = read_json(evaluation / champion / "per_source.json")
     card = model_card(summary, test, sources, dataset, name, version.version, decision)
     with atomic_path(out_dir / "model_card.md") as tmp:
         tmp.write_text(card)
     client.update_model_version(name, version.version, description=card)
-    client.set_model_version_tag(name, version.version, "cxr.gate", decision)
     with tracking.start_run(params["mlflow"]["experiment"], champion, {}, run_id=run_id):
         mlflow.log_artifact(str(out_dir / "model_card.md"))
     holder = _current_champion(client, name)
@@ -354,9 +404,8 @@ def register(
     return result
 
 
-def _log_classifier(keras_model: Path, classes: list[str]):
+def _log_classifier(keras_model: Path, classes: list[str], min_size: int):
     from cxr.serving import log_classifier
 
-    return log_classifier(
-        keras_model, classes, pinned_requirements(MODEL_REQUIREMENTS + SERVING_REQUIREMENTS)
-    )
+    requirements = pinned_requirements(MODEL_REQUIREMENTS + SERVING_REQUIREMENTS)
+    return log_classifier(keras_model, classes, requirements, min_size)

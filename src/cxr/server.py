@@ -6,19 +6,33 @@ answers repeat the request back. The guard, an ASGI middleware in front of it:
   Content-Length or as soon as the bytes read pass the cap (chunked), the rest read and
   dropped (up to DRAIN_FACTOR caps) so that the client gets the answer: the server never
   holds more than the cap of one request;
+- refuses a body whose JSON nests deeper than MAX_DEPTH with HTTP 400: MLflow's parser
+  recurses once per level, and 100,000 `[` (200 kB) end in a RecursionError and a 500;
 - keeps the reason of a 4xx answer and drops the echoed payload and the stack trace.
-The model's own caps (images per request, pixels per array: serving.py) answer 400 too.
+The model's own caps (images and pixels per request, pixels per array, the smallest image:
+serving.py) answer 400 too; `--max-megapixels` sets the model's cap on pixels per request.
+
+The port is taken (`listen`) before the model loads, which takes seconds: a port in use
+fails at once, and uvicorn serves on that very socket.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import re
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from cxr.errors import CxrError
+
 MAX_BODY_BYTES = 32 * 1024 * 1024
 DRAIN_FACTOR = 16  # an over-cap body is read and dropped up to this many caps, then cut off
+# A request nests 5 deep ({"dataframe_records": [{"pixels": [[...]]}]}); Python's parser
+# recurses to ~1,000. Far from both.
+MAX_DEPTH = 32
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -50,18 +64,47 @@ def reason_only(message: str) -> str:
     return message if len(message) <= MAX_REASON else message[:MAX_REASON] + " [...]"
 
 
+_NOT_SYNTAX = bytes(sorted(set(range(256)) - set(b'"[]{}')))
+_CHUNK = 1 << 20  # characters counted at a time: a few MB of numpy temporaries at most
+
+
+def json_depth(body: bytes) -> int:
+    """How deep the arrays and objects of a JSON body nest (the most opened and not yet
+    closed, strings skipped): how deep MLflow's parser would recurse. Linear and in C, cheap
+    next to the parse: bytes methods keep only quotes and brackets, numpy counts."""
+    import numpy as np
+
+    # Escapes pair from the left (\\ first, then \"), so this drops every escaped quote and
+    # keeps the quotes that open and close strings; JSON has no backslash outside strings.
+    kept = body.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_SYNTAX)
+    step = np.zeros(256, np.int64)
+    step[list(b"[{")], step[list(b"]}")] = 1, -1
+    deepest = level = quotes = 0
+    for start in range(0, len(kept), _CHUNK):
+        part = np.frombuffer(kept[start : start + _CHUNK], np.uint8)
+        is_quote = part == ord('"')
+        outside = (quotes + np.cumsum(is_quote)) % 2 == 0  # an even number of quotes before
+        levels = level + np.cumsum(np.where(outside, step[part], 0))
+        deepest, level = max(deepest, int(levels.max())), int(levels[-1])
+        quotes += int(is_quote.sum())
+    return deepest
+
+
+def _bad_request(message: str) -> tuple[int, bytes]:
+    return 400, json.dumps({"error_code": "BAD_REQUEST", "message": message}).encode()
+
+
 class Guard:
-    """ASGI middleware: body cap before parsing, payload-free error answers."""
+    """ASGI middleware: body cap and nesting cap before parsing, payload-free error answers."""
 
     def __init__(self, app: ASGIApp, max_body: int = MAX_BODY_BYTES):
         self.app, self.max_body = app, max_body
 
     def _too_large(self, size: str) -> tuple[int, bytes]:
-        message = (
+        return _bad_request(
             f"the request body ({size}) is over the limit of {self.max_body:,} bytes "
             "(cxr serve --max-body-mb); send fewer or smaller images per request."
         )
-        return 400, json.dumps({"error_code": "BAD_REQUEST", "message": message}).encode()
 
     async def __call__(self, scope: Scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -90,6 +133,12 @@ class Guard:
         if over:
             await _send(send, *self._too_large(f"{'at least ' if more else ''}{size:,} bytes"))
             return
+        whole = b"".join(body)
+        depth = json_depth(whole)
+        if depth > MAX_DEPTH:
+            reason = f"the request body nests arrays and objects {depth:,} deep, over the limit"
+            await _send(send, *_bad_request(f"{reason} of {MAX_DEPTH}; {FORMS}."))
+            return
         replayed = False
 
         async def replay() -> Message:
@@ -97,7 +146,7 @@ class Guard:
             if replayed:
                 return await receive()  # the client's disconnect, when it comes
             replayed = True
-            return {"type": "http.request", "body": b"".join(body), "more_body": False}
+            return {"type": "http.request", "body": whole, "more_body": False}
 
         await self.app(scope, replay, _payload_free(send))
 
@@ -140,15 +189,45 @@ async def _send(send, status: int, body: bytes, headers=None) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def app_for(model_uri: str, max_body: int = MAX_BODY_BYTES) -> Guard:
-    """MLflow's scoring app for `model_uri` (the pyfunc loaded once), behind the guard."""
+def app_for(model_uri: str, max_body: int = MAX_BODY_BYTES, max_pixels: int | None = None) -> Guard:
+    """MLflow's scoring app for `model_uri` (the pyfunc loaded once), behind the guard;
+    `max_pixels` replaces the classifier's cap on pixels per request (serving.py)."""
     import mlflow
     from mlflow.pyfunc import scoring_server
 
-    return Guard(scoring_server.init(mlflow.pyfunc.load_model(model_uri)), max_body)
+    model = mlflow.pyfunc.load_model(model_uri)
+    if max_pixels is not None:  # a setting of this server, not of the logged model
+        model.unwrap_python_model().max_pixels = max_pixels
+    return Guard(scoring_server.init(model), max_body)
 
 
-def run(app: Guard, host: str, port: int) -> None:
+def listen(host: str, port: int) -> socket.socket:
+    """A socket listening on host:port, for `run`; CxrError in one line if the port is in
+    use or the address cannot be had."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        # As uvicorn's own socket: a restart is not refused for the last run's connections
+        # in TIME_WAIT; a port that another socket listens on still is.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)  # now: no other process can take the port while the model loads
+    except OSError as err:
+        sock.close()
+        reason = err.strerror or str(err)
+        if err.errno == errno.EADDRINUSE:
+            raise CxrError(
+                f"port {port} on {host} is in use ({reason}): choose another with --port."
+            ) from None
+        raise CxrError(
+            f"cannot listen on {host} port {port} ({reason}): check --host and --port."
+        ) from None
+    return sock
+
+
+def run(app: Guard, sock: socket.socket) -> None:
+    """Serve `app` on the socket of `listen` until Ctrl-C or SIGTERM."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl-C it handled
+        uvicorn.Server(config).run(sockets=[sock])

@@ -81,9 +81,9 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TI
 
 
 def check_server(timeout: float = 5.0) -> None:
-    """Fail in seconds, in one line, when the tracking URI names an HTTP server that does not
-    answer: call it before a stage's expensive work. Any HTTP answer (even 401 or 404)
-    counts as up; a local store always is."""
+    """Fail in seconds, in one line, when the tracking URI names an HTTP server or a database
+    that does not answer: call it before a stage's expensive work. Any HTTP answer (even 401
+    or 404) counts as up; a local store always is, where its folder can be written."""
     import urllib.error
     import urllib.request
 
@@ -91,6 +91,10 @@ def check_server(timeout: float = 5.0) -> None:
         os.environ.setdefault(key, value)
     uri = tracking_uri()  # with no credentials left in it (move_credentials_out_of_uri)
     parts = urlsplit(uri)
+    if parts.scheme.split("+")[0] in DATABASE_PORTS:
+        _check_database(uri, timeout)
+    elif parts.scheme == "sqlite":
+        _check_sqlite_folder(uri)
     if parts.scheme not in ("http", "https"):
         return
     probe = urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/") + "/health", "", ""))
@@ -106,24 +110,81 @@ def check_server(timeout: float = 5.0) -> None:
         ) from None
 
 
+# The default ports of the databases MLflow keeps a store in (SQLAlchemy URLs).
+DATABASE_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+
+
+def _check_database(uri: str, timeout: float) -> None:
+    """A TCP connect to the database's host and port: MLflow retries a database that is down
+    for minutes, printing a warning each time, and then looks like an empty store. A Unix
+    socket or an ODBC data source name is not probed (no host and port to connect to)."""
+    import socket
+
+    from sqlalchemy.engine import make_url
+
+    try:
+        url = make_url(uri)
+    except ValueError as err:  # a port that is not a number
+        raise CxrError(
+            f"MLFLOW_TRACKING_URI {redact(uri)} is not a database URL ({err}); fix it, or "
+            "unset it to use the local store (mlflow.db)."
+        ) from None
+    if not url.host or not url.database or {"host", "unix_socket", "odbc_connect"} & {*url.query}:
+        return
+    port = url.port or DATABASE_PORTS[url.get_backend_name()]
+    try:
+        socket.create_connection((url.host, port), timeout=timeout).close()
+    except (OSError, OverflowError) as err:  # OverflowError: a port over 65535
+        raise CxrError(
+            f"the MLflow tracking database at {redact(uri)} does not answer on "
+            f"{url.host}:{port} ({getattr(err, 'strerror', None) or err}); start the database, "
+            "or fix MLFLOW_TRACKING_URI (unset it to use the local store, mlflow.db)."
+        ) from None
+
+
+def _check_sqlite_folder(uri: str) -> None:
+    """A SQLite store not made yet needs a folder it can be made in (MLflow makes missing
+    folders): in a folder it cannot write, MLflow retries opening the file for minutes. A
+    file that exists is left to MLflow (read-only, it still serves `cxr predict`)."""
+    from sqlalchemy.engine import make_url
+
+    database = make_url(uri).database
+    if not database or database == ":memory:" or Path(database).exists():
+        return
+    folder = next(p for p in Path(database).absolute().parents if p.exists())
+    if not (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)):
+        raise CxrError(
+            f"the MLflow tracking database {redact(uri)} cannot be made: {folder} is not a "
+            "writable folder; fix its permissions, or set MLFLOW_TRACKING_URI to another store."
+        )
+
+
 def redact(uri: str) -> str:
     """A URI without its secrets, for tags, params, files and messages: the password of
-    `user:password@`, a token given as `token@`, and secret query values (`?token=...`);
-    IPv6 hosts keep their brackets."""
-    from urllib.parse import parse_qsl, urlencode
+    `user:password@`, a token given as `token@`, and secret query values (`?token=...`)
+    become `***`; every other character stays as it was (`sqlite:////abs/path.db` keeps its
+    four slashes, a query its order and its encoding)."""
+    from urllib.parse import unquote_plus
 
-    parts = urlsplit(uri)
-    netloc = parts.netloc
-    if "@" in netloc:
-        host = netloc.rsplit("@", 1)[1]
-        user = f"{parts.username}:***" if parts.password is not None else "***"
-        netloc = f"{user}@{host}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        hidden = [(k, "***" if k.lower() in SECRET_QUERY_KEYS else v) for k, v in pairs]
-        query = urlencode(hidden, safe="*")
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    scheme, sep, rest = uri.partition("://")
+    if sep:
+        end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+        authority, tail = rest[:end], rest[end:]
+        if "@" in authority:
+            userinfo, host = authority.rsplit("@", 1)
+            user, colon, _ = userinfo.partition(":")
+            authority = f"{user + ':***' if colon else '***'}@{host}"
+        uri = scheme + sep + authority + tail
+    base, mark, query = uri.partition("?")
+    if not mark:
+        return uri
+    query, hash_, fragment = query.partition("#")
+    pairs = [pair.partition("=") for pair in query.split("&")]
+    query = "&".join(
+        key + eq + ("***" if eq and unquote_plus(key).lower() in SECRET_QUERY_KEYS else value)
+        for key, eq, value in pairs
+    )
+    return base + mark + query + hash_ + fragment
 
 
 def execution_group() -> str:

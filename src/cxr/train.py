@@ -14,7 +14,7 @@ from cxr import backend, machine, tracking
 from cxr.cache import split_arrays
 from cxr.checkpoint import Checkpoint
 from cxr.fit import Fitted, accelerator_settings, early_stopping, fit, settings_for
-from cxr.io import atomic_path, pyplot, save_figure, write_json
+from cxr.io import atomic_path, pyplot, read_json, save_figure, write_json
 from cxr.models import check_settings
 from cxr.params import flatten
 from cxr.repo import repo_root
@@ -91,8 +91,9 @@ def train(
     phases = Phases(f"train@{name}")
     cfg, builder_cfg = settings_for(name, params)
     accel = accelerator_settings(cfg)  # first: threads and XLA flags are set before start
-    check_settings(name, params["models"][name])  # before any data is read
-    x_train, y_train, summary = split_arrays(prepared, "train")
+    summary = read_json(prepared / "dataset.json")
+    check_settings(name, params["models"][name], summary["image_size"])  # before the data
+    x_train, y_train, _ = split_arrays(prepared, "train")
     x_val, y_val, _ = split_arrays(prepared, "val")
     classes = summary["classes"]
     phases.done("data")

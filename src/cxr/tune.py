@@ -77,7 +77,9 @@ def check_space(params: dict[str, Any], model: str) -> dict[str, Any]:
             trial_params = with_overrides(params, {f"models.{model}.{key}": value})
             try:
                 check_params(trial_params)
-                check_settings(model, trial_params["models"][model])
+                check_settings(
+                    model, trial_params["models"][model], trial_params["prepare"]["image_size"]
+                )
             except ParamsError as err:
                 raise ParamsError(f"params.yaml: {where}: {value!r} would give: {err}") from err
     return space
@@ -333,7 +335,9 @@ def tune(
 
     space = check_space(params, model)
     cfg = params["tune"]
-    trials = trials or cfg["trials"]
+    trials = cfg["trials"] if trials is None else trials
+    if trials < 1 or workers < 1:
+        raise CxrError(f"tune: trials ({trials}) and workers ({workers}) must be 1 or more.")
     if not (prepared / "dataset.json").is_file():
         raise CxrError(
             f"{prepared}/ is missing: tuning reads the prepared train and validation splits; "
