@@ -144,14 +144,23 @@ def test_a_champion_whose_files_are_gone_is_replaced_not_failed_on(tmp_path, mon
         assert client.get_model_version("m", "2").tags["cxr.gate"] == decision
         assert decision in (tmp_path / "reports" / "model_card.md").read_text()
 
-        # A store that fails while the champion is re-scored: raised (not taken for a broken
-        # champion), and no version is left registered without a gate decision.
+        # A store that fails while the champion is loaded, or a scoring that fails after it
+        # loaded: raised (not taken for a broken champion, which a worse model would then
+        # replace), and no version is left registered without a gate decision.
         def store_down(*args):
             raise MlflowException("API request to the store failed")
 
-        monkeypatch.setattr(register_module, "rescore", store_down)
-        with pytest.raises(MlflowException, match="store failed"):
-            register(runs[2], 1.0)
+        def out_of_memory(*args):
+            raise MemoryError("scoring ran out of memory")
+
+        for where, failure, error in (
+            ("load_registered", store_down, MlflowException),
+            ("scores", out_of_memory, MemoryError),
+        ):
+            with monkeypatch.context() as patch:
+                patch.setattr(register_module, where, failure)
+                with pytest.raises(error):
+                    register(runs[2], 0.0)
         versions = client.search_model_versions("name='m'")
         assert sorted(str(v.version) for v in versions) == ["1", "2"]
         assert all("cxr.gate" in v.tags for v in versions)

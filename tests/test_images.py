@@ -66,9 +66,29 @@ def test_exif_orientation_is_applied_where_every_image_is_decoded():
 
     def served(data: bytes) -> np.ndarray:
         frame = pd.DataFrame({"image": [base64.b64encode(data).decode()]})
-        return to_batch(frame, 32)[0, ..., 0].astype(int)
+        return to_batch(frame, 32, min_size=1)[0, ..., 0].astype(int)
 
     as_sent = served(_saved(upright, "JPEG"))
     rotated = served(_saved(sideways, "JPEG", orientation=6))
     assert np.abs(rotated - as_sent).mean() < 2  # JPEG's noise only
     assert np.abs(served(_saved(sideways, "JPEG")) - as_sent).mean() > 50  # no tag: sideways
+
+
+def test_a_lung_mask_is_turned_with_its_sideways_image(tmp_path):
+    """The mask of a film stored sideways (drawn on its stored pixels) is turned as the
+    film is: prepare's masks.npy stays aligned with images.npy."""
+    from cxr.classes import DATASET_DIR
+    from cxr.lungs import read_mask
+    from cxr.prepare import _turn_of
+
+    images = tmp_path / DATASET_DIR / "COVID" / "images"
+    images.mkdir(parents=True)
+    (images.parent / "masks").mkdir()
+    band = np.zeros((60, 90), np.uint8)
+    band[:15] = 255
+    sideways = Image.fromarray(band).transpose(Image.Transpose.ROTATE_90)
+    (images / "x.jpg").write_bytes(_saved(sideways, "JPEG", orientation=6))
+    sideways.save(images.parent / "masks" / "x.jpg")  # the mask as stored: sideways too
+    turn = _turn_of(str(images / "x.jpg"))
+    mask = read_mask(images.parent / "masks" / "x.jpg", 30, turn)
+    assert mask[:5].all() and not mask[10:].any()  # upright: the band at the top

@@ -78,7 +78,7 @@ def test_a_second_copy_of_the_dataset_is_named_not_dropped_silently(phantoms, tm
     (entry,) = info["not_read"]
     assert entry["path"] == "backup" and entry["files"] == 2 * PER_CLASS * len(LABELS)
     assert "second copy of the dataset" in entry["reason"]
-    assert "not read: backup" in capsys.readouterr().out
+    assert "not read: 'backup'" in capsys.readouterr().out
 
 
 def test_class_folders_in_lower_case_are_read(phantoms, tmp_path):

@@ -167,3 +167,22 @@ def test_model_settings_are_checked_against_the_builders_signature(tmp_path):
     weights = tmp_path / "base.weights.h5"
     weights.write_bytes(b"")
     check_settings("vgg16", {"weights": str(weights), "epochs": 3})  # a file, a training key
+
+
+def test_check_settings_accepts_exactly_what_the_builders_build():
+    """params.py's pooling names and models.check_settings' smallest input are the builders'
+    own: each name builds, the smallest input builds and predicts, one pixel less is refused."""
+    from cxr.models import _min_input, check_settings
+    from cxr.params import POOLINGS, ParamsError
+
+    for pooling in POOLINGS:
+        build_model("cnn", (32, 32, 1), 4, pooling=pooling)
+    for name in ("cnn", "cnn4_bn", "cnn6_bn"):
+        size = _min_input(name, {})
+        check_settings(name, {}, size)
+        model = build_model(name, (size, size, 1), 4)
+        assert model.predict(np.zeros((1, size, size, 1), np.uint8), verbose=0).shape == (1, 4)
+        with pytest.raises(ParamsError, match=f"needs inputs of at least {size} px"):
+            check_settings(name, {}, size - 1)
+    with pytest.raises(ParamsError, match="vgg16 needs inputs of at least 32 px"):
+        check_settings("vgg16", {"input_size": 31}, 64)

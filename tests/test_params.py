@@ -175,6 +175,9 @@ def test_a_profile_with_a_bad_override_fails_before_dvc_starts(tmp_path, key, va
             "aliases \\(\\*name\\) expand to over 100,000 values",
         ),
         ("a: " + "x" * 1_000_001, "over the limit of 1,000,000"),
+        ("a: " + "[" * 3000, "nested too deeply to read"),
+        ("a: 2024-13-45\n", "month must be in 1..12; fix that value"),
+        ("a: &x {b: *x}\n", "contains itself through an alias"),
     ],
 )
 def test_params_that_are_not_sane_yaml_fail_in_one_line_from_every_entry_point(
@@ -209,10 +212,13 @@ def test_a_huge_value_is_cut_in_the_message(tmp_path):
         (["tune", "cnn", "--trials", "0"], "--trials: 0 is below the minimum of 1"),
         (["tune", "cnn", "--trials", "-3"], "--trials: -3 is below the minimum of 1"),
         (["tune", "cnn", "--workers", "0"], "--workers: 0 is below the minimum of 1"),
-        (["tune", "cnn", "--trials", "many"], "--trials: 'many' is not a number"),
+        (["tune", "cnn", "--trials", "many"], "--trials: 'many' is not a whole number"),
+        (["serve", "--port", "70000"], "--port: 70000 is outside 0-65535"),
+        (["serve", "--max-megapixels", "inf"], "--max-megapixels: inf is not a finite number"),
+        (["serve", "--max-body-mb", "0"], "--max-body-mb: 0 is below the minimum of 0.001"),
     ],
 )
-def test_cli_counts_below_one_are_refused_not_taken_as_the_default(capsys, argv, message):
+def test_cli_numbers_out_of_range_are_refused_never_taken_as_the_default(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     assert exit_.value.code == 2 and message in capsys.readouterr().err

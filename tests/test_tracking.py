@@ -149,6 +149,14 @@ def test_credentials_leave_the_uri_before_mlflow_sees_it(monkeypatch, no_trackin
         ("mysql://u:p%40ss@db/x?Password=p&ssl=1", "mysql://u:***@db/x?Password=***&ssl=1"),
         ("https://h/a?x=a%20b&y=1+2&token=t#top", "https://h/a?x=a%20b&y=1+2&token=***#top"),
         ("https://h/a?flag&x=", "https://h/a?flag&x="),
+        # Passwords SQLAlchemy or urllib take unencoded: "/", "?", "#" or "@" in them.
+        ("postgresql://bob:pa/ss@db:1/mlflow", "postgresql://bob:***@db:1/mlflow"),
+        ("postgresql://bob:pa?ss#x@db/mlflow", "postgresql://bob:***@db/mlflow"),
+        ("postgresql://bob:p@ss@db/mlflow?x=a@b", "postgresql://bob:***@db/mlflow?x=a@b"),
+        (
+            "mssql+pyodbc://h/?odbc_connect=DRIVER%3Dx%3BPWD%3Dsecret",
+            "mssql+pyodbc://h/?odbc_connect=***",
+        ),
     ],
 )
 def test_redaction_hides_the_secrets_and_keeps_every_other_byte(uri, shown):
@@ -196,6 +204,18 @@ def test_a_database_that_is_down_is_one_line_without_the_password(
     assert "s3cret" not in message and "\n" not in message
 
 
+@pytest.mark.parametrize("password", ["zq/xw", "zq@xw", "zq?xw"])
+def test_a_password_with_url_characters_is_never_shown(password, monkeypatch, no_mlflow_retries):
+    from cxr.errors import CxrError
+
+    uri = f"postgresql://ml:{password}@127.0.0.1:{_dead_port()}/mlflow"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(CxrError) as caught:
+        tracking.check_server()
+    message = str(caught.value)
+    assert "ml:***@" in message and "zq" not in message and "xw" not in message, message
+
+
 @pytest.mark.parametrize(
     ("uri", "port"),
     [
@@ -203,6 +223,7 @@ def test_a_database_that_is_down_is_one_line_without_the_password(
         ("mysql+pymysql://ml@db.example/mlflow", 3306),
         ("mssql+pyodbc://ml@db.example/mlflow?driver=ODBC+Driver+18", 1433),
         ("postgresql://ml@db.example:6543/mlflow", 6543),
+        ("postgresql://ml@db.example", 5432),  # no database named: the user's, still probed
         ("postgresql:///mlflow?host=/var/run/postgresql", None),  # a Unix socket: not probed
         ("mssql+pyodbc://ml:pw@my_dsn", None),  # an ODBC data source name: not probed
     ],

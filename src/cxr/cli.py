@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import subprocess
 import sys
@@ -201,16 +202,21 @@ def kaggle_version(args: argparse.Namespace) -> int:
     return 0
 
 
-def _at_least(low: float, kind=int):
-    """An argparse type: a number >= `low` (0 is refused, never read as "the default")."""
+def _at_least(low: float, kind=int, high: float = math.inf):
+    """An argparse type: a finite number in [low, high] (0 is refused, never read as "the
+    default")."""
 
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not value >= low:  # also refuses nan
-            raise argparse.ArgumentTypeError(f"{text} is below the minimum of {low}")
+            what = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+        if not low <= value <= high:
+            limits = f"below the minimum of {low}" if high == math.inf else f"outside {low}-{high}"
+            raise argparse.ArgumentTypeError(f"{text} is {limits}")
         return value
 
     return parse
@@ -246,7 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--model", help="a model URI (default: as for predict, the champion)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
-    p.add_argument("-p", "--port", type=int, default=5001, help="port (5001)")
+    p.add_argument(
+        "-p", "--port", type=_at_least(0, int, 65535), default=5001, help="port (5001; 0: any free)"
+    )
     p.add_argument(
         "--max-body-mb",
         type=_at_least(0.001, float),

@@ -341,10 +341,10 @@ def _dataset_root(unpacked: Path, what: str) -> Path:
 
 
 def _is_copy(folder: Path) -> bool:
-    return (
-        _find_dir(folder, DATASET_DIR) is not None
-        or layout.has_class_folders(folder)
-        or any(layout.has_class_folders(child) for child in folder.iterdir() if child.is_dir())
+    """Whether an archive's `folder` holds the dataset too (two class folders at least: the
+    paediatric set's train/NORMAL alone is not a copy)."""
+    return _find_dir(folder, DATASET_DIR) is not None or any(
+        layout.has_class_folders(f, 2) for f in (folder, *folder.iterdir()) if f.is_dir()
     )
 
 
@@ -358,13 +358,19 @@ def count_images(root: Path) -> dict[str, int]:
     }
 
 
+SHOWN = 10  # lines printed of what an archive holds besides the dataset (all: download.json)
+
+
 def _not_unpacked(unpacked: Path, root: Path, what: str) -> list[dict[str, Any]]:
-    """What `unpacked` holds besides the dataset folder `root`: said, and listed."""
-    entries = []
-    for path, n, reason in layout.outside(unpacked, root, _is_copy):
-        rel = path.relative_to(unpacked).as_posix()
-        print(f"download: {what}: not read: {rel} ({n} files): {reason}")
-        entries.append({"path": rel, "files": n, "reason": reason})
+    """What an unpacked archive holds besides the dataset folder `root`: said, and listed."""
+    entries = [
+        {"path": path.relative_to(unpacked).as_posix(), "files": n, "reason": reason}
+        for path, n, reason in layout.outside(unpacked, root, _is_copy)
+    ]
+    for e in entries[:SHOWN]:
+        print(f"download: {what}: not read: {e['path']!r} ({e['files']} files): {e['reason']}")
+    if len(entries) > SHOWN:
+        print(f"download: {what}: {len(entries) - SHOWN} more not read: reports/download.json")
     return entries
 
 
@@ -400,8 +406,8 @@ def unpack_into(source: Path, out: Path, name: str, what: str) -> dict[str, Any]
         root = _find_dir(unpacked, name)
         if root is None:
             raise DownloadError(f"{what} {source} has no folder '{name}'.")
-    skipped = _not_unpacked(unpacked, root, what)
-    if skipped:
+    skipped = _not_unpacked(unpacked, root, what) if source.is_file() else []
+    if skipped:  # a folder of yours keeps what lies beside the dataset: nothing is lost
         info["not_read"] = skipped
     if source.is_file():
         os.replace(root, out / name)

@@ -17,7 +17,8 @@ class CxrError(Exception):
         text = str(message)
         if len(text) > MAX_MESSAGE:
             head, tail = text[: MAX_MESSAGE * 3 // 5], text[-MAX_MESSAGE // 3 :]
-            text = f"{head} [... {len(text) - MAX_MESSAGE:,} characters cut ...] {tail}"
+            cut = len(text) - len(head) - len(tail)
+            text = f"{head} [... {cut:,} characters cut ...] {tail}"
         super().__init__(text)
 
 

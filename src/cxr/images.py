@@ -1,7 +1,7 @@
 """Decoding radiographs: the one place that turns a file into pixels (prepare, predict, serving).
 
-`decode_grey` validates as it decodes (EXIF orientation applied) and says why a file is
-rejected; `resize` brings the
+`decode_grey` validates as it decodes (EXIF orientation applied: `upright`) and says why a
+file is rejected; `resize` brings the
 pixels to the model's size; `content_hash` and `perceptual_hash` find exact and near
 duplicates.
 """
@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MAX_PIXELS = 50_000_000  # ~7000 x 7000: far above any radiograph, far below a decompression bomb
@@ -33,6 +33,28 @@ SUPPORTED_MODES = {
     "I;16L",
     "I",
 }
+
+
+# EXIF orientation -> the transpose that shows the image upright (as ImageOps.exif_transpose).
+UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def upright(img: Image.Image) -> Image.Transpose | None:
+    """The transpose that puts an opened image upright by its EXIF orientation (a phone or
+    camera JPEG stored sideways says so there), or None. Applied where every image is
+    decoded (decode_grey: prepare, predict, serving) and to its lung mask (prepare)."""
+    try:
+        return UPRIGHT.get(img.getexif().get(0x0112, 1))
+    except (TypeError, ValueError, OSError, SyntaxError):  # an EXIF block too broken to read
+        return None
 
 
 class ImageRejected(ValueError):
@@ -74,9 +96,10 @@ def decode_grey(
                 if img.mode not in SUPPORTED_MODES:
                     raise ImageRejected(f"unsupported pixel mode {img.mode!r}")
                 img.load()
-                # A camera or phone JPEG stored sideways says so in its EXIF orientation:
-                # applied here, so prepare, predict and serving all see the film upright.
-                grey = to_grey_uint8(ImageOps.exif_transpose(img))
+                grey = to_grey_uint8(img)
+                turn = upright(img)
+                if turn is not None:
+                    grey = np.ascontiguousarray(np.asarray(Image.fromarray(grey).transpose(turn)))
     except ImageRejected:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -86,8 +109,13 @@ def decode_grey(
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageRejected(f"corrupt or truncated ({err})") from err
     if min(grey.shape) < min_size:
-        raise ImageRejected(f"too small: {grey.shape[1]}x{grey.shape[0]} < {min_size} px")
+        raise ImageRejected(too_small(grey.shape, min_size))
     return grey
+
+
+def too_small(shape: tuple[int, ...], min_size: int) -> str:
+    """Why an image of `shape` (H, W) is refused: prepare's words, also serving's."""
+    return f"too small: {shape[1]}x{shape[0]} < {min_size} px"
 
 
 def resize(grey: np.ndarray, size: int) -> np.ndarray:

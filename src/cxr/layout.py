@@ -54,8 +54,12 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
 
 
+def _count(path: Path) -> int:
+    return sum(1 for p in path.rglob("*") if p.is_file()) if path.is_dir() else 1
+
+
 def _skip(survey: Survey, path: Path, reason: str) -> None:
-    n = len(_files(path)) if path.is_dir() else 1
+    n = _count(path)
     if n:
         survey.skipped.append((path, n, reason))
 
@@ -126,9 +130,9 @@ def survey(base: Path, classes: list[str] | None = None) -> Survey:
     return result
 
 
-def has_class_folders(path: Path) -> bool:
-    """Whether `path` holds at least one class folder (names matched as in `survey`)."""
-    return path.is_dir() and any(
+def has_class_folders(path: Path, at_least: int = 1) -> bool:
+    """Whether `path` holds `at_least` class folders (names matched as in `survey`)."""
+    return path.is_dir() and at_least <= sum(
         child.is_dir() and _key(child.name) in _KEY_TO_LABEL for child in path.iterdir()
     )
 
@@ -144,7 +148,7 @@ def outside(unpacked: Path, root: Path, is_copy) -> list[tuple[Path, int, str]]:
         for child in sorted(where.iterdir()):
             if child.name == part:
                 continue
-            n = len(_files(child)) if child.is_dir() else 1
+            n = _count(child)
             if child.name == "__MACOSX":
                 reason = "macOS archive metadata"
             elif child.is_dir() and is_copy(child):

@@ -77,12 +77,16 @@ def mask_file(image: Path) -> Path | None:
     return found if found.is_file() else None
 
 
-def read_mask(path: Path, size: int) -> np.ndarray:
-    """A mask file (any size, grey or RGB; lung bright) -> (size, size) bool. Raises ValueError
-    with the reason when it is unusable."""
+def read_mask(path: Path, size: int, turn: Image.Transpose | None = None) -> np.ndarray:
+    """A mask file (any size, grey or RGB; lung bright) -> (size, size) bool, turned as its
+    image was (`turn`: images.upright of the image; a mask is drawn on the stored pixels).
+    Raises ValueError with the reason when it is unusable."""
     try:
         with Image.open(path) as img:
-            grey = img.convert("L").resize((size, size), Image.BILINEAR)
+            grey = img.convert("L")
+            grey = (grey.transpose(turn) if turn is not None else grey).resize(
+                (size, size), Image.BILINEAR
+            )
     except (OSError, SyntaxError, ValueError) as err:
         raise ValueError(f"unreadable lung mask {path.name}: {err}") from err
     mask = np.asarray(grey) > MASK_THRESHOLD

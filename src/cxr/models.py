@@ -253,12 +253,13 @@ TRAINING_KEYS = ("learning_rate", "epochs", "batch_size", "schedule", "augment")
 
 def _min_input(name: str, settings: dict) -> int:
     """The smallest input side `name`'s graph takes: one pixel left after its halvings."""
+    import inspect
+
     builder = MODELS[name]
     if hasattr(builder, "min_input"):
         return builder.min_input
-    filters = settings.get("filters")
-    halvings = getattr(builder, "halvings", None) or len(filters or (0, 0, 0))
-    return 2**halvings
+    default = inspect.signature(builder).parameters["filters"].default
+    return 2 ** (getattr(builder, "halvings", None) or len(settings.get("filters") or default))
 
 
 def check_settings(name: str, settings: dict, image_size: int | None = None) -> None:

@@ -212,13 +212,16 @@ MAX_YAML_BYTES = 1_000_000  # params.yaml is about 10 kB; dvc.yaml about 8 kB
 MAX_YAML_VALUES = 100_000  # values once YAML aliases are expanded (an alias bomb: billions)
 
 
-def _values(node: Any, sizes: dict[int, int]) -> int:
-    """How many values `node` holds with aliases expanded, counting each shared node once
-    (linear in the file, not in the expansion)."""
+def _values(node: Any, sizes: dict[int, int | None]) -> int:
+    """How many values `node` holds with aliases expanded; a shared node's size is computed
+    once (linear in the file, not in the expansion). None marks a node being counted: met
+    again inside itself, it is an alias of itself (`&a [*a]`), endless once expanded."""
     if id(node) in sizes:
+        if sizes[id(node)] is None:
+            raise ValueError("a value contains itself through an alias (&name ... *name)")
         return sizes[id(node)]
     children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
-    sizes[id(node)] = 0  # a recursive alias (&a [*a]) counts as finite here; PyYAML builds it
+    sizes[id(node)] = None
     sizes[id(node)] = total = 1 + sum(_values(child, sizes) for child in children)
     return total
 
@@ -236,6 +239,7 @@ def read_yaml(path: str | Path) -> Any:
         )
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        values = _values(data, {})
     except UnicodeDecodeError as err:
         raise ParamsError(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8.") from err
     except yaml.YAMLError as err:
@@ -243,7 +247,11 @@ def read_yaml(path: str | Path) -> Any:
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = " ".join(str(getattr(err, "problem", None) or err).split())
         raise ParamsError(f"{where}: not valid YAML ({problem[:200]}); fix it there.") from err
-    if _values(data, {}) > MAX_YAML_VALUES:
+    except RecursionError:
+        raise ParamsError(f"{path}: nested too deeply to read; is it the right file?") from None
+    except (ValueError, TypeError) as err:  # a value YAML cannot build (a date 2024-13-45)
+        raise ParamsError(f"{path}: {str(err)[:200]}; fix that value.") from err
+    if values > MAX_YAML_VALUES:
         raise ParamsError(
             f"{path}: its YAML aliases (*name) expand to over {MAX_YAML_VALUES:,} values; "
             "write the values out instead."

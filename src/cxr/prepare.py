@@ -45,6 +45,7 @@ from cxr.images import (
     decode_grey,
     perceptual_hash,
     resize,
+    upright,
 )
 from cxr.io import atomic_path, progress, worker_dies_with_parent
 from cxr.lungs import mask_file, read_mask, template_mask
@@ -142,7 +143,7 @@ def image_sources(raw: Path) -> dict[str, str]:
     import openpyxl
 
     sources: dict[str, str] = {}
-    for sheet in sorted(_class_root(raw).glob("*.metadata.xlsx")):
+    for sheet in sorted(_class_root(raw).glob(f"*{layout.METADATA_SUFFIX}")):
         try:
             book = openpyxl.load_workbook(sheet, read_only=True, data_only=True)
             rows = book.active.iter_rows(values_only=True)
@@ -209,6 +210,14 @@ def _open_scratch(*paths: str) -> None:
         _scratch.append((rows, rows.open(write=True)))
 
 
+def _turn_of(path: str):
+    """The EXIF turn decode_grey gave the image (images.upright), for its mask."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return upright(img)
+
+
 def _scan_one(job: tuple[int, str, int, int]) -> tuple[int, str | None, str, int, bytes, str]:
     """Decode file `job` and its lung mask, write both to their scratch rows; return (row,
     reject reason, hashes, thumbnail, where the mask came from or why the template stood in)."""
@@ -221,7 +230,7 @@ def _scan_one(job: tuple[int, str, int, int]) -> tuple[int, str | None, str, int
     images.write(fd, row, resize(grey, size))
     found, mask_from = mask_file(Path(path)), "file"
     try:
-        mask = read_mask(found, size) if found else None
+        mask = read_mask(found, size, _turn_of(path)) if found else None
     except ValueError as err:
         mask, mask_from = None, f"template ({err})"
     if mask is None:

@@ -98,6 +98,38 @@ def keras_file_of(model_uri: str, into: Path) -> Path:
     return path
 
 
+class Unloadable(Exception):
+    """A registered version whose own files cannot be loaded: the message says why."""
+
+
+def load_registered(model_uri: str):
+    """A registered classifier's Keras model, loaded in Keras's safe mode (no pickled code,
+    no Lambda layers) from its Keras file, never through its pyfunc: loading that runs the
+    code shipped with the version, and anyone who can register a version could run code on
+    the retraining machine. Unloadable when the version's files are gone or damaged; a store
+    that does not answer (MLflow wraps connection errors in an MlflowException) is raised
+    as it is, since it says nothing about the version."""
+    import tempfile
+
+    import keras
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            return keras.saving.load_model(
+                keras_file_of(model_uri, Path(tmp)), compile=False, safe_mode=True
+            )
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise Unloadable(err.message) from err
+    except (ConnectionError, TimeoutError, requests.RequestException):
+        raise
+    except (OSError, ValueError, TypeError, KeyError, zipfile.BadZipFile) as err:
+        raise Unloadable(str(err) or type(err).__name__) from err
+
+
 def rescore(
     model_uri: str,
     x: np.ndarray,
@@ -106,21 +138,12 @@ def rescore(
     metric: str,
     masks: np.ndarray | None = None,
 ):
-    """`metric` of a registered classifier on the current test images, from its Keras file
-    loaded in Keras's safe mode (no pickled code, no Lambda layers), never through its
-    pyfunc: loading that runs the code shipped with the version, and anyone who can register
-    a version could run code on the retraining machine. A lung metric (`lungs_only_...`)
-    scores the images with only their lungs (`masks`) visible, as the evaluate stage did."""
-    import tempfile
-
-    import keras
-
+    """`metric` of a registered classifier (load_registered) on the current test images. A
+    lung metric (`lungs_only_...`) scores the images with only their lungs (`masks`)
+    visible, as the evaluate stage did."""
     from cxr.images import resize
 
-    with tempfile.TemporaryDirectory() as tmp:
-        model = keras.saving.load_model(
-            keras_file_of(model_uri, Path(tmp)), compile=False, safe_mode=True
-        )
+    model = load_registered(model_uri)
     if metric in LUNG_METRICS:
         x, metric = audit_inputs(x, masks)["lungs_only"], metric.removeprefix("lungs_only_")
     size = int(model.input_shape[1])
@@ -130,34 +153,19 @@ def rescore(
     return scores(y, probs, classes)[metric]
 
 
-def _store_failed(err: Exception) -> bool:
-    """Whether `err` came from a store that did not answer, which says nothing about the
-    version (MLflow wraps connection errors in an MlflowException)."""
-    import requests
-    from mlflow.exceptions import MlflowException
-
-    if isinstance(err, MlflowException):
-        return err.error_code != "RESOURCE_DOES_NOT_EXIST"
-    return isinstance(
-        err, (ConnectionError, TimeoutError, requests.ConnectionError, requests.Timeout)
-    )
-
-
 def _rescore_champion(
     name: str, version: str, prepared: Path, classes: list[str], metric: str
 ) -> tuple[float | None, str | None]:
     """(score, None) of the current champion on the current test split, or (None, why) when
-    its own files cannot be loaded or scored (deleted from the artifact store, a missing or
-    corrupt Keras file). A store that does not answer is raised, not taken for a broken
-    champion."""
+    its own files cannot be loaded (deleted from the artifact store, a missing or corrupt
+    Keras file). Any other failure (the store, memory, the scoring) fails the stage: it says
+    nothing against the champion."""
     x, y, _ = split_arrays(prepared, "test")
     masks = split_masks(prepared, "test")[0] if metric in LUNG_METRICS else None
     try:
         return rescore(f"models:/{name}/{version}", x, y, classes, metric, masks), None
-    except Exception as err:
-        if _store_failed(err):
-            raise
-        lines = tracking.scrub(str(err)).strip().splitlines() or [type(err).__name__]
+    except Unloadable as err:
+        lines = tracking.scrub(str(err)).strip().splitlines() or ["unloadable"]
         why = lines[0]  # one line, bounded: it goes into the decision, a tag and the card
         return None, why if len(why) <= 300 else why[:297] + "..."
 

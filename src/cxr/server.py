@@ -13,7 +13,8 @@ The model's own caps (images and pixels per request, pixels per array, the small
 serving.py) answer 400 too; `--max-megapixels` sets the model's cap on pixels per request.
 
 The port is taken (`listen`) before the model loads, which takes seconds: a port in use
-fails at once, and uvicorn serves on that very socket.
+fails at once, and uvicorn serves on that very socket (a client that connects while the
+model loads waits for its answer).
 """
 
 from __future__ import annotations

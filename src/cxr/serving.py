@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cxr.images import ImageRejected, decode_grey, resize
+from cxr.images import ImageRejected, decode_grey, resize, too_small
 
 try:
     from mlflow.pyfunc import PythonModel
@@ -112,8 +112,8 @@ def _from_pixels(value: Any, i: int, size: int, min_size: int) -> np.ndarray:
         raise BadRequest(
             f"image {i}: expected a 2-D grey image (H, W) or (H, W, 1), got shape {grey.shape}."
         )
-    if min(grey.shape) < min_size:  # decode_grey's words, as for a file
-        raise BadRequest(f"image {i}: too small: {grey.shape[1]}x{grey.shape[0]} < {min_size} px.")
+    if min(grey.shape) < min_size:  # as for a file
+        raise BadRequest(f"image {i}: {too_small(grey.shape, min_size)}.")
     if not np.isfinite(grey).all() or grey.min() < 0 or grey.max() > 255:
         raise BadRequest(f"image {i}: pixel values must lie in 0-255.")
     return resize(np.rint(grey).astype(np.uint8), size)

@@ -42,7 +42,17 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
 
 
-SECRET_QUERY_KEYS = ("token", "access_token", "password", "secret", "key", "api_key")
+SECRET_QUERY_KEYS = (
+    "token",
+    "access_token",
+    "password",
+    "secret",
+    "key",
+    "api_key",
+    "pwd",
+    "sslpassword",
+    "odbc_connect",  # an ODBC connection string, PWD= and all
+)
 
 
 def move_credentials_out_of_uri() -> None:
@@ -117,7 +127,8 @@ DATABASE_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
 def _check_database(uri: str, timeout: float) -> None:
     """A TCP connect to the database's host and port: MLflow retries a database that is down
     for minutes, printing a warning each time, and then looks like an empty store. A Unix
-    socket or an ODBC data source name is not probed (no host and port to connect to)."""
+    socket or an ODBC data source name (mssql with neither port nor database) is not probed:
+    no host and port to connect to."""
     import socket
 
     from sqlalchemy.engine import make_url
@@ -129,8 +140,13 @@ def _check_database(uri: str, timeout: float) -> None:
             f"MLFLOW_TRACKING_URI {redact(uri)} is not a database URL ({err}); fix it, or "
             "unset it to use the local store (mlflow.db)."
         ) from None
-    if not url.host or not url.database or {"host", "unix_socket", "odbc_connect"} & {*url.query}:
+    odbc_name = url.get_backend_name() == "mssql" and not (url.port or url.database)
+    if not url.host or odbc_name or {"host", "unix_socket", "odbc_connect"} & {*url.query}:
         return
+    if "@" in url.host:  # a password with "@": SQLAlchemy reads the rest as the host
+        raise CxrError(
+            f"MLFLOW_TRACKING_URI {redact(uri)}: its password holds '@'; write it as %40."
+        )
     port = url.port or DATABASE_PORTS[url.get_backend_name()]
     try:
         socket.create_connection((url.host, port), timeout=timeout).close()
@@ -167,14 +183,15 @@ def redact(uri: str) -> str:
     from urllib.parse import unquote_plus
 
     scheme, sep, rest = uri.partition("://")
-    if sep:
-        end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
-        authority, tail = rest[:end], rest[end:]
-        if "@" in authority:
-            userinfo, host = authority.rsplit("@", 1)
-            user, colon, _ = userinfo.partition(":")
-            authority = f"{user + ':***' if colon else '***'}@{host}"
-        uri = scheme + sep + authority + tail
+    if sep and "@" in rest:
+        # The user info ends at the last "@" before the path: SQLAlchemy takes a password
+        # with a raw "/", "?" or "#" in it, and urllib one with "@"; a wrong guess hides too
+        # much, never too little.
+        first = rest.index("@")
+        path = rest.find("/", first)
+        end = rest.rfind("@", 0, path if path >= 0 else len(rest))
+        user, colon, _ = rest[:end].partition(":")
+        uri = scheme + sep + (user + ":***" if colon else "***") + rest[end:]
     base, mark, query = uri.partition("?")
     if not mark:
         return uri
