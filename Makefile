@@ -6,7 +6,16 @@ STAMP := $(VENV)/.installed-stamp
 # DVC runs each stage's `python ...` through the shell: put the venv first on PATH.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install data demo test lint gpu-wheels
+.PHONY: help install data demo test lint ui serve gpu-wheels
+
+help:  ## this list
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
+
+ui: install  ## MLflow's UI on the project's store (mlflow.db), http://127.0.0.1:5000
+	mlflow ui --backend-store-uri sqlite:///mlflow.db
+
+serve: install  ## the registered champion over HTTP on 127.0.0.1:5001 (cxr serve)
+	cxr serve
 
 # uv installs the locked set 3x faster than pip (47 s against 152 s from an empty cache on the
 # 2-core Intel Xeon, byte code compiled as pip does): the install is part of a newcomer's
@@ -19,7 +28,7 @@ $(STAMP): pyproject.toml requirements.lock
 		-c requirements.lock -e ".[$(strip $(EXTRAS))]"
 	touch $@
 
-install: $(STAMP)
+install: $(STAMP)  ## the locked environment in .venv (uv)
 
 # git keeps no empty folder: make data/ (the user's own images, tracked by data.dvc) and put
 # its (empty) listing in the DVC cache, which `dvc exp run --temp` checks out from.
@@ -27,7 +36,7 @@ data: install
 	mkdir -p data
 	dvc commit -f -q data.dvc
 
-demo: data
+demo: data  ## the whole pipeline offline on synthetic phantoms (cxr demo)
 	cxr demo
 
 # Two pytest workers (pytest-xdist, a test file per worker at a time; tests/conftest.py): an
@@ -40,11 +49,11 @@ PYTEST := pytest -n $(TEST_WORKERS) --dist loadfile
 # each pytest run prints its time).
 JAX_TESTS := tests/test_augment.py tests/test_backends.py tests/test_fit.py \
 	tests/test_checkpoint.py tests/test_models.py tests/test_serving.py
-test: data
+test: data  ## the tests, as CI runs them
 	$(PYTEST)
 	KERAS_BACKEND=jax $(PYTEST) -m "not e2e" $(JAX_TESTS)
 
-lint: install
+lint: install  ## ruff
 	ruff check .
 	ruff format --check .
 

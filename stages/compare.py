@@ -17,7 +17,10 @@ def main() -> None:
     check_server()  # a tracking server that is down: one line now, not minutes later
     summary = compare(stage_params("compare"), Path("evaluation"), Path("reports/compare"))
     print(Path("reports/compare/table.md").read_text())
-    print(f"compare: champion {summary['champion']} ({summary['metric']} {summary['value']:.3f})")
+    print(
+        f"compare: champion {summary['champion']} by validation {summary['metric']} "
+        f"{summary['value']:.3f} (test: {summary['test_value']:.3f})"
+    )
 
 
 if __name__ == "__main__":

@@ -49,6 +49,11 @@ def test_gate_decisions():
     moved, why = gate(0.99, classes, other, None, False)
     assert not moved and "register.force" in why
     assert gate(0.99, classes, other, None, True)[0]
+    # Chosen on other data: no split is fair to both, whatever the newcomer scores.
+    moved, why = gate(0.99, classes, champion, None, False, other_data="ab" * 32)
+    assert not moved and "chosen on other data (fingerprint abababababab)" in why
+    assert "register.force" in why
+    assert gate(0.99, classes, champion, None, True, other_data="ab" * 32)[0]
 
 
 def test_a_champion_that_cannot_be_scored_is_replaced_and_says_why():
@@ -62,7 +67,7 @@ def test_a_champion_that_cannot_be_scored_is_replaced_and_says_why():
     assert not gate(0.1, ["a", "b"], other, None, False, broken="no MLmodel")[0]
 
 
-def _register_inputs(root: Path, run_id: str, value: float) -> Path:
+def _register_inputs(root: Path, run_id: str, value: float, fingerprint: str = "f" * 64) -> Path:
     """What prepare, train, evaluate and compare leave for register (a tiny model of run
     `run_id` claiming `value`); returns the summary's path."""
     import keras
@@ -80,14 +85,15 @@ def _register_inputs(root: Path, run_id: str, value: float) -> Path:
     write_json(root / "evaluation" / "cnn" / "per_source.json", {})
     prepared = root / "prepared"
     prepared.mkdir(exist_ok=True)
-    np.save(prepared / "images.npy", np.zeros((6, 8, 8), np.uint8))
-    rows = [f"{i},test,{CLASSES[i % 3]}" for i in range(6)]
+    np.save(prepared / "images.npy", np.zeros((12, 8, 8), np.uint8))
+    rows = [f"{i},{'val' if i < 6 else 'test'},{CLASSES[i % 3]}" for i in range(12)]
     (prepared / "manifest.csv").write_text("index,split,label\n" + "\n".join(rows) + "\n")
-    counts = {"test": dict.fromkeys(CLASSES, 2)}
-    dataset = {"classes": CLASSES, "n_images": 6, "image_size": 8, "counts": counts}
-    write_json(prepared / "dataset.json", {**dataset, "fingerprint": "f" * 64})
+    counts = {split: dict.fromkeys(CLASSES, 2) for split in ("val", "test")}
+    dataset = {"classes": CLASSES, "n_images": 12, "image_size": 8, "counts": counts}
+    write_json(prepared / "dataset.json", {**dataset, "fingerprint": fingerprint})
     summary = {"champion": "cnn", "run_id": run_id, "metric": "macro_f1", "value": value}
-    summary |= {"classes": CLASSES, "data_fingerprint": "f" * 64, "ranking": [{}]}
+    summary |= {"split": "val", "test_value": 0.5}
+    summary |= {"classes": CLASSES, "data_fingerprint": fingerprint, "ranking": [{}]}
     write_json(root / "summary.json", summary)
     return root / "summary.json"
 
@@ -117,8 +123,8 @@ def test_a_champion_whose_files_are_gone_is_replaced_not_failed_on(tmp_path, mon
         with tracking.start_run("t", "cnn", {}) as training:
             runs.append(training.info.run_id)
 
-    def register(run_id: str, value: float) -> dict:
-        summary = _register_inputs(tmp_path, run_id, value)
+    def register(run_id: str, value: float, fingerprint: str = "f" * 64) -> dict:
+        summary = _register_inputs(tmp_path, run_id, value, fingerprint)
         return register_module.register(
             params,
             summary,
@@ -164,6 +170,11 @@ def test_a_champion_whose_files_are_gone_is_replaced_not_failed_on(tmp_path, mon
         versions = client.search_model_versions("name='m'")
         assert sorted(str(v.version) for v in versions) == ["1", "2"]
         assert all("cxr.gate" in v.tags for v in versions)
+
+        # A newcomer chosen on other data, however good: the champion stays, saying why.
+        result = register(runs[2], 1.0, fingerprint="e" * 64)
+        assert not result["alias_moved"] and str(result["champion_version"]) == "2"
+        assert "chosen on other data (fingerprint ffffffffffff)" in result["decision"]
     finally:
         mlflow.set_tracking_uri(None)
 
@@ -209,11 +220,13 @@ def test_compare_picks_the_champion_and_logs_the_table(repro):
 
     repo = repro["repo"]
     summary = _json(repo / "reports" / "compare" / "summary.json")
-    scores = {
-        m: _json(repo / "evaluation" / m / "test.json")["macro_f1"] for m in TINY["train.models"]
+    scores = {  # chosen on validation; the test score reported beside it
+        m: _json(repo / "evaluation" / m / "val.json")["macro_f1"] for m in TINY["train.models"]
     }
     assert summary["metric"] == "macro_f1" and summary["value"] == max(scores.values())
     assert scores[summary["champion"]] == summary["value"]
+    champion_test = _json(repo / "evaluation" / summary["champion"] / "test.json")
+    assert summary["test_value"] == champion_test["macro_f1"]
     table = (repo / "reports" / "compare" / "table.md").read_text()
     assert all(f"| {m} |" in table for m in scores) and "McNemar" in table
     # Its timings name the CPU they came from, as the training runs logged it.

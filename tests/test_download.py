@@ -495,11 +495,42 @@ def test_the_real_client_replaces_a_damaged_cached_zip_once(
     assert cached.read_bytes() == sample_zip.read_bytes()
 
 
-def test_the_real_client_giving_up_is_final_and_leaves_nothing(tmp_path, creds, monkeypatch):
+@needs_sample
+def test_the_real_client_giving_up_keeps_its_bytes_and_the_next_run_resumes(
+    tmp_path, creds, sample_zip, monkeypatch
+):
     """Every stream cut: the client's own 5 resumes, not retried again by the stage; one
-    line; no partial file."""
-    kaggle = KaggleHttp(monkeypatch, b"PK\x03\x04" + bytes(400_000), cuts=[1000] * 100)
-    with pytest.raises(DownloadError, match="broke off and the Kaggle client's own resumes"):
-        run_real_client(tmp_path)
+    line; no zip and no raw/, but the bytes received stay in the cache's `.part` folder, and
+    the next run resumes from them (a Range request) instead of starting over."""
+    kaggle = KaggleHttp(monkeypatch, sample_zip.read_bytes(), cuts=[1000] * 6)
+    with pytest.raises(DownloadError, match="broke off.*received are kept and the next run"):
+        run_real_client(tmp_path, kaggle_version=7)
     assert kaggle.downloads() == [None] + [f"bytes={1000 * k}-" for k in range(1, 6)]
-    assert not (tmp_path / "raw").exists() and list((tmp_path / "cache").iterdir()) == []
+    assert not (tmp_path / "raw").exists() and not list((tmp_path / "cache").glob("*.zip"))
+    (part,) = (tmp_path / "cache").glob(".*.part")
+    assert sum(p.stat().st_size for p in part.rglob("*.zip")) == 6000
+
+    info = run_real_client(tmp_path, kaggle_version=7)  # the network is back
+    # The client opens the download, finds its marker matches (same ETag), asks for the rest.
+    assert kaggle.downloads()[6:] == [None, "bytes=6000-"]
+    assert info["files"]["COVID"] == 40 and not part.exists()
+    (cached,) = (tmp_path / "cache").glob("*.zip")
+    assert cached.read_bytes() == sample_zip.read_bytes()
+
+
+def test_the_version_lookup_offline_is_one_line_after_the_retries(tmp_path, creds, monkeypatch):
+    """`kaggle_version: null` looks the version up first: offline, the same retry policy
+    and one line as the download, not a traceback."""
+    from cxr.download import latest_version
+
+    monkeypatch.setattr("cxr.download.time.sleep", lambda s: None)
+    api = FakeKaggleApi(None)
+
+    def offline(*args, **kwargs):
+        raise requests.ConnectionError("Name or service not known")
+
+    api.dataset_status = offline
+    with pytest.raises(DownloadError, match="Could not reach Kaggle after 4 attempts"):
+        latest_version("owner/name", lambda: api)
+    with pytest.raises(DownloadError, match="Could not reach Kaggle after 4 attempts"):
+        run_kaggle(tmp_path, api, kaggle_version=None)

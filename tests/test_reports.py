@@ -62,9 +62,23 @@ def evaluation_json(y: np.ndarray, probs: np.ndarray, correct: float) -> dict:
     }
 
 
-def fake_evaluation(folder, scores: dict[str, tuple[float, int]], paths_of=None):
+def val_json(correct: float, seed: int) -> dict:
+    """val.json of a model right on about `correct` of the validation images."""
+    from cxr.metrics import scores
+
+    y, probs = predictions(correct, seed=seed)
+    result = scores(y, probs, CLASSES)
+    return {"n_val": len(y), **{k: result[k] for k in HEADLINE}} | {
+        f"{view}_{key}": 0.4
+        for view in ("lungs_hidden", "lungs_only")
+        for key in ("accuracy", "macro_f1")
+    }
+
+
+def fake_evaluation(folder, scores: dict[str, tuple[float, int]], paths_of=None, val=None):
     """evaluation/<model>/ as the evaluate stage leaves it, for models scoring about
-    `correct`, with `param_count` parameters."""
+    `correct` on the test split (and on validation, unless `val` says otherwise), with
+    `param_count` parameters."""
     for i, (name, (correct, param_count)) in enumerate(scores.items()):
         out = folder / name
         out.mkdir(parents=True)
@@ -72,6 +86,7 @@ def fake_evaluation(folder, scores: dict[str, tuple[float, int]], paths_of=None)
         rows = [{"path": (paths_of or {}).get(name, "img") + f"/{k}.png"} for k in range(len(y))]
         write_predictions(out / "predictions.csv", y, probs, CLASSES, rows)
         write_json(out / "test.json", evaluation_json(y, probs, correct))
+        write_json(out / "val.json", val_json((val or {}).get(name, correct), seed=i + 100))
         write_json(out / "run.json", {"run_id": f"run-{name}", "param_count": param_count})
 
 
@@ -109,13 +124,32 @@ def test_compare_ranks_tests_the_top_two_and_draws_the_chance_line(tmp_path, par
 
 def test_compare_ties_go_to_the_smaller_model():
     rows = [
-        {"model": "b", "macro_f1": 0.9, "param_count": 100},
-        {"model": "a", "macro_f1": 0.9, "param_count": 900},
-        {"model": "c", "macro_f1": 0.9, "param_count": 100},
+        {"model": "b", "val_macro_f1": 0.9, "param_count": 100},
+        {"model": "a", "val_macro_f1": 0.9, "param_count": 900},
+        {"model": "c", "val_macro_f1": 0.9, "param_count": 100},
     ]
     assert [r["model"] for r in compare_module.rank(rows, "macro_f1")] == ["b", "c", "a"]
-    with pytest.raises(CxrError, match="compare.metric is 'f1'; expected one of"):
-        compare_module.rank(rows, "f1")
+
+
+def test_the_champion_is_chosen_on_validation_when_the_test_split_disagrees(tmp_path, params):
+    """`picked` is best on validation and worst on test, `lucky` the reverse: the champion
+    is `picked`, and its reported score is its test score, not the best test score."""
+    params["train"]["models"] = ["lucky", "picked"]
+    fake_evaluation(
+        tmp_path / "evaluation",
+        {"lucky": (0.95, 100), "picked": (0.7, 100)},
+        val={"lucky": 0.6, "picked": 0.9},
+    )
+    summary = compare_module.compare(params, tmp_path / "evaluation", tmp_path / "out")
+    test = {m: read_json(tmp_path / "evaluation" / m / "test.json") for m in ("lucky", "picked")}
+    val = {m: read_json(tmp_path / "evaluation" / m / "val.json") for m in ("lucky", "picked")}
+    assert test["lucky"]["macro_f1"] > test["picked"]["macro_f1"]
+    assert val["picked"]["macro_f1"] > val["lucky"]["macro_f1"]
+    assert summary["champion"] == "picked" and summary["split"] == "val"
+    assert summary["value"] == val["picked"]["macro_f1"]
+    assert summary["test_value"] == test["picked"]["macro_f1"]
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "Champion by validation `macro_f1`: **picked**" in table
 
 
 def test_compare_refuses_missing_or_mismatched_evaluations(tmp_path, params):

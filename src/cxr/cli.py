@@ -222,8 +222,25 @@ def _at_least(low: float, kind=int, high: float = math.inf):
     return parse
 
 
+DESCRIPTION = (
+    "Chest radiograph classification pipeline (DVC stages, MLflow tracking): run it "
+    "(demo, profile), classify and serve with the champion (predict, serve), tune a model "
+    "(tune), look up the Kaggle dataset (kaggle-version)."
+)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cxr")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cxr", description=__doc__)
+    parser = argparse.ArgumentParser(prog="cxr", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"cxr {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="run the whole pipeline offline on synthetic phantoms")
     p.add_argument("--dry-run", action="store_true", help="print the dvc command only")
@@ -232,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser(
         "profile",
         help="run the whole pipeline with a params.yaml profile (e.g. real_cpu), as `cxr demo`",
+        epilog="Arguments after `--` go to `dvc exp run`, e.g. "
+        "`cxr profile real_cpu -- -n my-run` (experiment name).",
     )
     p.add_argument("profile", choices=PROFILES, help="the params.yaml section of overrides")
     p.add_argument("--archive", type=Path, help="read the images from this zip or folder")

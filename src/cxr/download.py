@@ -143,39 +143,61 @@ def kaggle_download(
     by the client itself (up to 5 times, 2-32 s apart, an HTTP Range request for the rest,
     checked against the file's ETag); a network failure before any byte arrives is retried
     here, `retries` attempts in all with exponential backoff. HTTP errors become messages
-    that say what to do. A failed download leaves nothing in `dest`.
+    that say what to do. The bytes of a download that failed or was interrupted stay in
+    `dest/.<zip name>.part/` with the client's resume marker, so the next run resumes from
+    them (the client checks they belong to the same remote file); no zip appears in `dest`
+    until it is complete.
     """
     _require_credentials()
-    owner_name = dataset.strip("/")
-    if owner_name.count("/") != 1:
-        raise DownloadError(f"data.kaggle_dataset {dataset!r} must look like 'owner/name'.")
+    owner_name = _owner_name(dataset)
     ref = f"{owner_name}/{version}" if version else owner_name
     final = dest / f"{owner_name.replace('/', '__')}__v{version or 'latest'}.zip"
     if final.is_file() and zipfile.is_zipfile(final):
         return final
-    dest.mkdir(parents=True, exist_ok=True)
-    tmp = Path(dest / f".{final.name}.part")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    part = dest / f".{final.name}.part"
+    part.mkdir(parents=True, exist_ok=True)
+
+    def attempt() -> Path:
+        # force=False: the client resumes a broken transfer itself (see above)
+        api_factory().dataset_download_files(
+            ref, path=str(part), force=False, quiet=False, unzip=False
+        )
+        zips = list(part.glob("*.zip"))
+        if len(zips) != 1:
+            raise DownloadError(f"Kaggle download of {ref} gave no zip file.")
+        os.replace(zips[0], final)
+        return final
+
     try:
-        return _download_attempts(api_factory, ref, owner_name, tmp, final, retries, backoff_s)
+        result = _kaggle_call(attempt, ref, owner_name, retries, backoff_s, part)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not any(p.is_file() and p.stat().st_size for p in part.rglob("*")):
+            shutil.rmtree(part, ignore_errors=True)  # nothing worth resuming from
+    shutil.rmtree(part, ignore_errors=True)
+    return result
 
 
-def _download_attempts(
-    api_factory, ref: str, owner_name: str, tmp: Path, final: Path, retries: int, backoff_s
-) -> Path:
-    for attempt in range(1, retries + 1):
+def _owner_name(dataset: str) -> str:
+    owner_name = dataset.strip("/")
+    if owner_name.count("/") != 1:
+        raise DownloadError(f"data.kaggle_dataset {dataset!r} must look like 'owner/name'.")
+    return owner_name
+
+
+def _kaggle_call(
+    attempt: Callable[[], Any],
+    ref: str,
+    owner_name: str,
+    retries: int,
+    backoff_s: float,
+    part: Path | None = None,
+) -> Any:
+    """`attempt()` under the retry policy of kaggle_download, its failures translated into
+    one line each; `part`: the folder a download writes into (bytes there mean the
+    transfer had started, and the client's own resumes are spent)."""
+    for number in range(1, retries + 1):
         try:
-            api = api_factory()
-            # force=False: the client resumes a broken transfer itself (see above)
-            api.dataset_download_files(ref, path=str(tmp), force=False, quiet=False, unzip=False)
-            zips = list(tmp.glob("*.zip"))
-            if len(zips) != 1:
-                raise DownloadError(f"Kaggle download of {ref} gave no zip file.")
-            os.replace(zips[0], final)
-            return final
+            return attempt()
         except DownloadError:
             raise
         except Exception as err:  # translated, retried or re-raised below
@@ -192,34 +214,46 @@ def _download_attempts(
                     f"Kaggle has no dataset {ref} (HTTP 404): check data.kaggle_dataset "
                     "(owner/name) and data.kaggle_version."
                 ) from err
-            if _is_network(err) and any(tmp.iterdir()):
+            got = sum(p.stat().st_size for p in part.rglob("*") if p.is_file()) if part else 0
+            if _is_network(err) and got:
                 # bytes had arrived: the client's own resumes of the transfer are spent
                 raise DownloadError(
                     f"The download of {ref} broke off and the Kaggle client's own resumes "
-                    f"(5, by HTTP Range) failed too ({err}). Check the network and rerun, or "
-                    "set data.source: archive with a local copy."
+                    f"(5, by HTTP Range) failed too ({err}); the {got / 2**20:.1f} MiB "
+                    "received are kept and the next run resumes from them. Check the network "
+                    "and rerun, or set data.source: archive with a local copy."
                 ) from err
-            if not _is_network(err) or attempt == retries:
+            if not _is_network(err) or number == retries:
                 if _is_network(err):
                     raise DownloadError(
                         f"Could not reach Kaggle after {retries} attempts ({err}). Check the "
                         "network, or set data.source: archive with a local copy."
                     ) from err
                 raise
-            wait = backoff_s * 2 ** (attempt - 1)
-            print(f"download: network error ({err}); retry {attempt}/{retries - 1} in {wait:g} s")
+            wait = backoff_s * 2 ** (number - 1)
+            print(f"download: network error ({err}); retry {number}/{retries - 1} in {wait:g} s")
             time.sleep(wait)
     raise AssertionError("unreachable")
 
 
-def latest_version(dataset: str, api_factory: Callable[[], Any] = _kaggle_api) -> int:
-    """The current version number of Kaggle dataset `dataset` (owner/name)."""
+def latest_version(
+    dataset: str,
+    api_factory: Callable[[], Any] = _kaggle_api,
+    retries: int = 4,
+    backoff_s: float = 2.0,
+) -> int:
+    """The current version number of Kaggle dataset `dataset` (owner/name), under the same
+    retry policy and messages as the download."""
     import json
 
     _require_credentials()
-    api = api_factory()
-    answer = api.dataset_status(dataset.strip("/"), format="json(current_version_number)")
-    return int(json.loads(answer)["current_version_number"])
+    owner_name = _owner_name(dataset)
+
+    def attempt() -> int:
+        answer = api_factory().dataset_status(owner_name, format="json(current_version_number)")
+        return int(json.loads(answer)["current_version_number"])
+
+    return _kaggle_call(attempt, owner_name, owner_name, retries, backoff_s)
 
 
 def kaggle_unpack(

@@ -1,5 +1,7 @@
 """The evaluate stage: score one trained architecture on the test split and add the results
-(metrics, figures, per-image predictions) to its training run in MLflow.
+(metrics, figures, per-image predictions) to its training run in MLflow; and score it on the
+validation split (`val.json`), which is what compare chooses the champion by and the register
+gate compares: test figures are reported, never used to choose.
 
 MLflow refuses to change a logged param, so evaluation adds metrics and files only; the
 metrics are linked to the run's logged model and to the test dataset.
@@ -301,6 +303,29 @@ def test_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str], cfg: dict
     }
 
 
+def validation_scores(
+    model, prepared: Path, classes: list[str], batch_size: int
+) -> dict[str, float]:
+    """The scores the champion is chosen by (compare.metric's choices), on the validation
+    split: the headline scores of the intact images, and accuracy and macro-F1 with the lungs
+    hidden and with only the lungs visible. Training saw these images only to pick its best
+    epoch (early stopping), the same for every model; no intervals: choosing needs the point
+    values."""
+    x, y, _ = split_arrays(prepared, "val")
+    views = {"intact": x, **audit_inputs(x, split_masks(prepared, "val")[0])}
+    figures: dict[str, float] = {"n_val": int(len(y))}
+    for view in ("intact", "lungs_hidden", "lungs_only"):
+        probs = model.predict(views[view], batch_size=batch_size, verbose=0).astype(np.float64)
+        if view == "intact":
+            result = scores(y, probs, classes)
+            figures.update({key: result[key] for key in HEADLINE})
+        else:
+            pred = probs.argmax(axis=1)
+            figures[f"{view}_accuracy"] = float(np.mean(pred == y))
+            figures[f"{view}_macro_f1"] = macro_f1(y, pred, len(classes))
+    return figures
+
+
 def _test_rows(prepared: Path) -> list[dict]:
     from cxr.cache import load_prepared
 
@@ -315,9 +340,9 @@ def evaluate(
     run_record: Path,
     out_dir: Path,
 ) -> dict[str, Any]:
-    """Score `name` on the test split; write test.json, predictions.csv, run.json (the
-    training run and logged model) and figures/ in `out_dir`; log all of it into the model's
-    training run."""
+    """Score `name` on the test split and on the validation split; write test.json, val.json,
+    predictions.csv, run.json (the training run and logged model) and figures/ in `out_dir`;
+    log all of it into the model's training run."""
     import keras
     import mlflow
 
@@ -347,6 +372,8 @@ def evaluate(
     metrics["lung_masks_from_files"] = float(np.mean([m == "file" for m in mask_from]))
     verdict = lung_verdict(metrics, len(classes))
     phases.done("lung audit")
+    val = validation_scores(model, prepared, classes, cfg["batch_size"])
+    phases.done("validation")
 
     figure_dir = out_dir / "figures"
     figure_dir.mkdir(parents=True, exist_ok=True)
@@ -357,6 +384,7 @@ def evaluate(
     sources = [r.get("source", "") for r in rows]
     write_json(out_dir / "per_source.json", per_source(y, probs.argmax(axis=1), sources, classes))
     write_json(out_dir / "test.json", metrics)
+    write_json(out_dir / "val.json", val)
     plot_audit(
         x,
         masks,
@@ -401,8 +429,11 @@ def evaluate(
             model_id=record.get("model_id"),
             dataset=dataset,
         )
+        # `val_split_`: the validation split scored once, apart from Keras' per-epoch val_*.
+        mlflow.log_metrics({f"val_split_{k}": v for k, v in val.items()})
         mlflow.log_artifacts(str(figure_dir), artifact_path="evaluation/figures")
         mlflow.log_artifact(str(out_dir / "test.json"), artifact_path="evaluation")
+        mlflow.log_artifact(str(out_dir / "val.json"), artifact_path="evaluation")
         mlflow.log_artifact(str(out_dir / "predictions.csv"), artifact_path="evaluation")
         mlflow.log_artifact(str(out_dir / "per_source.json"), artifact_path="evaluation")
     phases.done("logging")

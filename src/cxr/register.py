@@ -3,7 +3,10 @@
 The champion's Keras model is logged once into its training run as the `classifier` pyfunc
 (see serving.py) and registered as a version of `register.model_name`. The `champion` alias
 moves to it only when it scores at least as well as the current champion re-scored on the
-current test split, and never across different class sets, unless `register.force`. A
+current validation split (compare chose by that split too; the test split is reported,
+never used to choose), and never across different class sets or data (a champion chosen on
+other data may have trained on today's validation images: no split is fair to both), unless
+`register.force`. A
 current champion that cannot be loaded or scored (its files gone from the artifact store)
 is replaced, and the decision says why: kept, it would fail every later run. The gate
 decides before a new version exists, and the version is made with its decision (the
@@ -154,16 +157,20 @@ def rescore(
 
 
 def _rescore_champion(
-    name: str, version: str, prepared: Path, classes: list[str], metric: str
+    name: str, version: str, prepared: Path, classes: list[str], metric: str, score: bool
 ) -> tuple[float | None, str | None]:
-    """(score, None) of the current champion on the current test split, or (None, why) when
-    its own files cannot be loaded (deleted from the artifact store, a missing or corrupt
-    Keras file). Any other failure (the store, memory, the scoring) fails the stage: it says
-    nothing against the champion."""
-    x, y, _ = split_arrays(prepared, "test")
-    masks = split_masks(prepared, "test")[0] if metric in LUNG_METRICS else None
+    """(score, None) of the current champion on the current validation split (with `score`;
+    else only loaded: (None, None)), or (None, why) when its own files cannot be loaded
+    (deleted from the artifact store, a missing or corrupt Keras file). Any other failure
+    (the store, memory, the scoring) fails the stage: it says nothing against the champion."""
+    uri = f"models:/{name}/{version}"
     try:
-        return rescore(f"models:/{name}/{version}", x, y, classes, metric, masks), None
+        if not score:
+            load_registered(uri)
+            return None, None
+        x, y, _ = split_arrays(prepared, "val")
+        masks = split_masks(prepared, "val")[0] if metric in LUNG_METRICS else None
+        return rescore(uri, x, y, classes, metric, masks), None
     except Unloadable as err:
         lines = tracking.scrub(str(err)).strip().splitlines() or ["unloadable"]
         why = lines[0]  # one line, bounded: it goes into the decision, a tag and the card
@@ -177,9 +184,12 @@ def gate(
     current_score: float | None,
     force: bool,
     broken: str | None = None,
+    other_data: str | None = None,
 ) -> tuple[bool, str]:
-    """(move the alias?, why), from the newcomer's score and the current champion's, or why
-    the current champion could not be scored (`broken`)."""
+    """(move the alias?, why), from the newcomer's validation score and the current
+    champion's re-scored on the same split, or why the current champion could not be loaded
+    (`broken`), or the data it was chosen on when that is not the newcomer's (`other_data`,
+    its fingerprint: not re-scored)."""
     if current is None:
         return True, "no champion yet"
     theirs = _classes_of(current)
@@ -195,13 +205,25 @@ def gate(
             f"replaced the current champion (version {current.version}), which cannot be "
             f"loaded or scored: {broken}"
         )
+    if other_data is not None:
+        if force:
+            return True, f"forced over a champion chosen on other data ({other_data[:12]})"
+        return False, (
+            f"kept version {current.version}: it was chosen on other data (fingerprint "
+            f"{other_data[:12]}), which may put its training images in this validation "
+            "split, so no split compares the two fairly; set register.force: true to "
+            "replace it"
+        )
     if newcomer >= current_score:
-        return True, f"{newcomer:.4f} >= current champion's {current_score:.4f} (re-scored)"
+        return True, (
+            f"{newcomer:.4f} >= current champion's {current_score:.4f} (re-scored on this "
+            "validation split)"
+        )
     if force:
         return True, f"forced: {newcomer:.4f} < current champion's {current_score:.4f}"
     return False, (
         f"kept version {current.version}: this model scores {newcomer:.4f} < the current "
-        f"champion's {current_score:.4f} on the current test split"
+        f"champion's {current_score:.4f} on the current validation split"
     )
 
 
@@ -221,7 +243,8 @@ def model_card(
         "Classifies a frontal chest radiograph into "
         + ", ".join(summary["classes"])
         + f". Chosen as the best of {len(summary['ranking'])} architectures by `{metric}` "
-        f"on the test split. Registry decision: {decision}.",
+        "on the validation split; the test figures below were not used to choose. Registry "
+        f"decision: {decision}.",
         "",
         "**Not for clinical use.** A research model; it has not been validated on any "
         "population, scanner or workflow, and must not inform care.",
@@ -356,13 +379,17 @@ def register(
     if version is not None and current is not None and current.version == version.version:
         move, decision = True, "already the champion"
     else:
-        current_score, broken = None, None  # re-scored only where comparable: same classes
+        # Re-scored only where comparable: the same classes and data (else only loaded).
+        current_score, broken, other_data = None, None, None
         if current is not None and _classes_of(current) == classes:
+            theirs = current.tags.get("cxr.data_fingerprint") or None
+            if theirs and summary["data_fingerprint"] and theirs != summary["data_fingerprint"]:
+                other_data = theirs
             current_score, broken = _rescore_champion(
-                name, current.version, prepared, classes, metric
+                name, current.version, prepared, classes, metric, score=other_data is None
             )
         move, decision = gate(
-            summary["value"], classes, current, current_score, cfg["force"], broken
+            summary["value"], classes, current, current_score, cfg["force"], broken, other_data
         )
 
     created = version is None
@@ -380,7 +407,8 @@ def register(
                 "cxr.classes": ",".join(classes),
                 "cxr.data_fingerprint": summary["data_fingerprint"] or "",
                 "cxr.git_commit": git_commit(),
-                f"test_{metric}": f"{summary['value']:.6f}",
+                f"val_{metric}": f"{summary['value']:.6f}",
+                f"test_{metric}": f"{summary['test_value']:.6f}",
                 "cxr.gate": decision,  # made with the version, in one transaction
             },
         )
@@ -402,7 +430,8 @@ def register(
         "created": created,
         "architecture": champion,
         "run_id": run_id,
-        metric: summary["value"],
+        f"val_{metric}": summary["value"],
+        f"test_{metric}": summary["test_value"],
         "alias_moved": move,
         "decision": decision,
         "champion_version": holder.version if holder else None,
