@@ -210,8 +210,21 @@ def test_evaluation_is_in_dvc_and_in_the_training_run(repro):
     files = {f.path for f in client.list_artifacts(record["run_id"], "evaluation/figures")}
     assert "evaluation/figures/gradcam.png" in files
     assert {i.dataset.name for i in r.inputs.dataset_inputs} >= {"prepared-test"}
+    (tested,) = [i.dataset for i in r.inputs.dataset_inputs if i.dataset.name == "prepared-test"]
+    assert "features_shape" in tested.profile and "targets_shape" in tested.profile
     logged = client.get_logged_model(record["model_id"])
     assert "test_macro_f1" in {m.key for m in logged.metrics}
+    val = _json(repo / "evaluation" / "cnn" / "val.json")
+    assert r.data.metrics["val_split_macro_f1"] == pytest.approx(val["macro_f1"])
+    assert "evaluation/cnn/val.json" in json.dumps(shown)
+    # The run's duration is the training's: evaluate and register added to it afterwards.
+    evaluated_ms = (repo / "evaluation" / "cnn" / "test.json").stat().st_mtime * 1000
+    assert r.info.status == "FINISHED" and r.info.end_time < evaluated_ms
+    # One record of each figure: Keras' per-epoch val_* only, no step-0 validation_* copies
+    # and no optimizer config as params (train logs its own settings).
+    assert not [k for k in r.data.metrics if k.startswith("validation_")]
+    assert not [k for k in r.data.params if k.startswith("optimizer_")]
+    assert "val_accuracy" in r.data.metrics
 
 
 @e2e

@@ -222,3 +222,18 @@ def test_cli_numbers_out_of_range_are_refused_never_taken_as_the_default(capsys,
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "name"),
+    [([], None), (["--", "-n", "mine"], "mine"), (["-n", "mine"], "mine")],
+)
+def test_a_demo_is_named_and_passes_dvc_arguments_on(tmp_path, monkeypatch, capsys, argv, name):
+    shutil.copy(ROOT / "params.yaml", tmp_path)
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--dry-run", *argv]) == 0
+    command = capsys.readouterr().out.split()
+    assert command[:5] == ["+", "dvc", "exp", "run", "--temp"] and "--" not in command
+    given = command[command.index("-n") + 1]
+    assert given == name if name else re.fullmatch(r"demo-\d{8}-\d{6}", given)

@@ -50,11 +50,18 @@ def test_demo_leaves_params_and_git_unchanged(demo):
 
 
 def test_demo_writes_runs_to_the_store_at_the_repo_root(demo):
+    import mlflow
+
     repo = demo["repo"]
     assert (repo / "mlflow.db").is_file()
     exp, runs = _runs(f"sqlite:///{repo / 'mlflow.db'}")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     assert exp.artifact_location == (repo / "mlartifacts" / "cxr-classification").as_uri()
+    # MLflow's Default experiment too keeps its artefacts under the repository, not in the
+    # DVC temp copy the first stage ran in (deleted after `dvc exp run --temp`).
+    default = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").get_experiment("0")
+    assert default.artifact_location.startswith(repo.as_uri()), default.artifact_location
+    assert ".dvc/tmp" not in default.artifact_location
     # Nothing leaked into DVC's temporary copy.
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
     # Two demos = two DVC experiments, each with its own training run grouped under its name;
@@ -63,6 +70,7 @@ def test_demo_writes_runs_to_the_store_at_the_repo_root(demo):
     groups = sorted(r.data.tags["cxr.group"] for r in train)
     names = sorted(r.data.tags["cxr.dvc_experiment"] for r in train)
     assert len(train) == 2 and groups == names and groups[0] != groups[1]
+    assert all(n.startswith("demo-20") for n in names), names  # dated, not DVC's random name
     prepare = [r for r in runs if r.data.tags["cxr.stage"] == "prepare"]
     assert len(prepare) == 1 and prepare[0].data.tags["cxr.group"] in names
     shown = run(["dvc", "exp", "show", "--json"], repo).stdout
@@ -116,7 +124,7 @@ def test_run_on_the_server_has_params_curves_and_model(repro):
     assert {"data_report/report.md", "data_report/sample_grid.png"} <= report
 
     mlflow.set_tracking_uri(repro["uri"])
-    model = mlflow.keras.load_model(f"runs:/{r.info.run_id}/model")
+    model = mlflow.keras.load_model(f"runs:/{r.info.run_id}/cnn")  # named by architecture
     x = np.load(repo / "prepared" / "images.npy")[:3][..., None]
     probs = np.asarray(model.predict(x, verbose=0))
     assert probs.shape == (3, 4) and np.allclose(probs.sum(axis=1), 1, atol=1e-4)

@@ -119,6 +119,20 @@ def test_example_request_of_the_signature_is_accepted():
     assert to_batch(signature_and_example(300)[1], 32, min_size=300).shape == (1, 32, 32, 1)
 
 
+def test_the_signature_describes_each_answer():
+    """The output schema is what `answers` returns: the label and a probability per class,
+    and MLflow reads it back from the model's MLmodel file."""
+    from mlflow.models import ModelSignature
+
+    signature, _ = signature_and_example()
+    answer = answers(np.array([[0.1, 0.7, 0.2]]), ["covid", "normal", "pneumonia"])[0]
+    outputs = {c.name: c.type for c in signature.outputs.inputs}
+    assert set(outputs) == set(answer)
+    assert all(isinstance(v, float) for v in answer["probabilities"].values())
+    assert outputs["probabilities"].to_dict() == {"type": "map", "values": {"type": "double"}}
+    assert ModelSignature.from_dict(signature.to_dict()) == signature
+
+
 def b64_png(height: int, width: int) -> str:
     ramp = np.tile((np.arange(width) % 256).astype(np.uint8), (height, 1))
     return base64.b64encode(png_bytes(ramp)).decode()

@@ -339,3 +339,24 @@ def test_cxr_predict_says_the_database_is_down_not_run_the_pipeline(
     err = capsys.readouterr().err
     assert "tracking database" in err and "does not answer" in err, err
     assert "Run the pipeline first" not in err and "s3cret" not in err
+
+
+def test_adding_to_a_finished_run_keeps_its_duration(tmp_path, monkeypatch):
+    """Evaluate and register add metrics and files to the finished training run: its status
+    and end time stay the training's (MLflow shows how long the training took)."""
+    import mlflow
+
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))  # a throw-away store
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    try:
+        with tracking.start_run("t", "cnn", {}) as training:
+            run_id = training.info.run_id
+        before = mlflow.MlflowClient().get_run(run_id).info
+        with tracking.start_run("t", "cnn", {}, run_id=run_id):
+            mlflow.log_metric("test_accuracy", 0.9)
+        after = mlflow.MlflowClient().get_run(run_id)
+        assert after.data.metrics["test_accuracy"] == 0.9
+        assert (after.info.status, after.info.end_time) == ("FINISHED", before.end_time)
+    finally:
+        mlflow.set_tracking_uri(None)

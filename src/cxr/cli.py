@@ -8,6 +8,7 @@ import math
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from cxr.errors import CxrError
@@ -68,13 +69,19 @@ def demo(args: argparse.Namespace) -> int:
         raise CxrError(f"--archive {args.archive} does not exist; pass a zip or a folder.")
     check_data_folder()
     command = profile_command(args.profile, args.archive) + list(args.dvc_args)
+    named = [i for i, arg in enumerate(command) if arg in ("-n", "--name")]
+    if named:
+        name = command[named[0] + 1] if named[0] + 1 < len(command) else ""
+    else:  # a name to find it by in `dvc exp show`, not DVC's random one
+        name = time.strftime(f"{args.profile.replace('_', '-')}-%Y%m%d-%H%M%S")
+        command += ["-n", name]
     print("+", shlex.join(command), flush=True)
     if args.dry_run:
         return 0
     code = subprocess.call(command)
     if code == 0:
         print(
-            "\nDone. params.yaml is unchanged; the results live in a DVC experiment:\n"
+            f"\nDone. params.yaml is unchanged; the results live in the DVC experiment {name}:\n"
             "  dvc exp show                 # params and metrics of every experiment\n"
             "  dvc exp apply <name>         # bring an experiment's outputs into the workspace\n"
             "  mlflow ui                    # runs, curves and models (open 'Model training')\n"
@@ -242,9 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cxr", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"cxr {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="run the whole pipeline offline on synthetic phantoms")
+    p = sub.add_parser(
+        "demo",
+        help="run the whole pipeline offline on synthetic phantoms",
+        epilog="Arguments after `--` go to `dvc exp run`, e.g. `cxr demo -- -n my-demo`.",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the dvc command only")
-    p.add_argument("dvc_args", nargs=argparse.REMAINDER, help="extra `dvc exp run` arguments")
     p.set_defaults(func=demo, profile="demo", archive=None)
     p = sub.add_parser(
         "profile",
@@ -311,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.set_defaults(func=kaggle_version)
     args, extra = parser.parse_known_args(argv)
-    if args.command in ("profile", "tune"):
+    if args.command in ("demo", "profile", "tune"):
         args.dvc_args = extra[1:] if extra[:1] == ["--"] else extra  # after --: for dvc
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

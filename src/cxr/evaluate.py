@@ -419,8 +419,8 @@ def evaluate(
     flat = {k: v for k, v in metrics.items() if isinstance(v, float)}
     for c, figures in metrics["per_class"].items():
         flat.update({f"{k}_{c}": v for k, v in figures.items() if k != "support"})
-    dataset = mlflow.data.from_numpy(
-        y, source=str(prepared), name="prepared-test", digest=summary["fingerprint"][:16]
+    dataset = mlflow.data.from_numpy(  # as the training set: images as features, labels
+        x, targets=y, source=str(prepared), name="prepared-test", digest=summary["fingerprint"][:16]
     )
     with tracking.start_run(params["mlflow"]["experiment"], name, {}, run_id=record["run_id"]):
         mlflow.log_input(dataset, context="test")

@@ -206,7 +206,7 @@ def signature_and_example(min_size: int = MIN_SIZE):
     patient data)."""
     import pandas as pd
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import Array, ColSpec, Schema
+    from mlflow.types.schema import Array, ColSpec, Map, Schema
 
     schema = Schema(
         [
@@ -218,7 +218,9 @@ def signature_and_example(min_size: int = MIN_SIZE):
     ramp = np.linspace(0, 255, min_size).astype(np.uint8)
     Image.fromarray(np.tile(ramp, (min_size, 1))).save(png, "PNG")
     example = pd.DataFrame({"image": [base64.b64encode(png.getvalue()).decode()]})
-    return ModelSignature(inputs=schema), example
+    # Each answer (`answers`): the label and every class's probability.
+    outputs = Schema([ColSpec("string", "label"), ColSpec(Map("double"), "probabilities")])
+    return ModelSignature(inputs=schema, outputs=outputs), example
 
 
 def log_classifier(

@@ -220,6 +220,12 @@ def setup_experiment(name: str) -> str:
 
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
+    if not uri.startswith(("http://", "https://", "databricks")):
+        # A database store with no server makes its Default experiment, with artefacts under
+        # ./mlruns, when first opened: open it from the repository root, not from where a
+        # stage runs (a DVC temp copy in .dvc/tmp, deleted after `dvc exp run --temp`).
+        with contextlib.chdir(repo_root()):
+            mlflow.MlflowClient().search_experiments(max_results=1)
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
@@ -262,8 +268,10 @@ def start_run(
     run_id: str | None = None,
     system_metrics: bool = False,
 ) -> Iterator[Any]:
-    """Start this stage's own run in the group (or resume `run_id`, a killed training's run);
-    an `mlflow run` parent becomes its parent. `system_metrics`: MLflow samples CPU, memory,
+    """Start this stage's own run in the group, or reopen `run_id`: a killed training's run,
+    to resume it, or a finished one (a training run that evaluate and register add to),
+    which keeps its status and end time, so that its duration in MLflow stays the training's.
+    An `mlflow run` parent becomes its parent. `system_metrics`: MLflow samples CPU, memory,
     disk, network and (with nvidia-ml-py, the gpu extra) GPU use into the run."""
     import mlflow
 
@@ -271,8 +279,14 @@ def start_run(
     parent = os.environ.pop("MLFLOW_RUN_ID", None)
     try:
         if run_id is not None:
-            with mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics) as run:
-                yield run
+            client = mlflow.MlflowClient()
+            before = client.get_run(run_id).info
+            try:
+                with mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics) as run:
+                    yield run
+            finally:
+                if before.status == "FINISHED" and before.end_time:
+                    client.set_terminated(run_id, "FINISHED", end_time=before.end_time)
             return
         with mlflow.start_run(
             experiment_id=experiment_id,

@@ -48,7 +48,7 @@ def write_history(history: dict[str, list[float]], path: Path) -> None:
             writer.writerow([epoch + 1, *(f"{history[k][epoch]:.6g}" for k in keys)])
 
 
-def log_keras_model(model, example: np.ndarray) -> str:
+def log_keras_model(model, example: np.ndarray, name: str = "model") -> str:
     """`mlflow.keras.log_model` with a signature, an input example and pinned requirements;
     return the logged model's id."""
     import mlflow
@@ -69,7 +69,7 @@ def log_keras_model(model, example: np.ndarray) -> str:
     try:
         info = mlflow.keras.log_model(
             model,
-            name="model",
+            name=name,  # the architecture: six logged models tell apart in the UI
             signature=infer_signature(example, model.predict(example, verbose=0)),
             input_example=example,
             pip_requirements=pinned_requirements(),
@@ -78,6 +78,25 @@ def log_keras_model(model, example: np.ndarray) -> str:
         keras_save._save_example = original
         keras.config.enable_interactive_logging()
     return info.model_id
+
+
+def epoch_metrics():
+    """MLflow's Keras callback (each epoch's metrics, the model summary) without what repeats
+    the run's own record: the optimizer's config as params (train logs its settings) and the
+    validation metrics again, as `validation_*` at step 0, after every epoch (the epoch's
+    `val_*` are logged with it)."""
+    import mlflow
+
+    class EpochMetrics(mlflow.keras.MlflowCallback):
+        def on_train_begin(self, logs=None):
+            lines: list[str] = []
+            self.model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line))
+            mlflow.log_text("\n".join(lines), artifact_file="model_summary.txt")
+
+        def on_test_end(self, logs=None):
+            pass
+
+    return EpochMetrics()
 
 
 def train(
@@ -145,7 +164,7 @@ def train(
             accel,
             callbacks=[
                 LogRuntime(),
-                mlflow.keras.MlflowCallback(),
+                epoch_metrics(),
                 saver,  # after MLflow's: a checkpoint's epochs are in the run
                 keras.callbacks.TensorBoard(str(out_dir / "tensorboard")),
             ],
@@ -246,7 +265,7 @@ def write_outputs(
     mlflow.log_artifact(str(out_dir / "curves.png"))
     mlflow.log_artifact(str(report_dir / "history.csv"))
     mlflow.log_artifacts(str(out_dir / "tensorboard"), artifact_path="tensorboard")
-    model_id = log_keras_model(result.model, example)
+    model_id = log_keras_model(result.model, example, name)
     with atomic_path(out_dir / "model.keras") as tmp:
         result.model.save(tmp)
     return model_id
