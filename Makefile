@@ -32,7 +32,7 @@ install: $(STAMP)  ## the locked environment in .venv (uv)
 
 # git keeps no empty folder: make data/ (the user's own images, tracked by data.dvc) and put
 # its (empty) listing in the DVC cache, which `dvc exp run --temp` checks out from.
-data: install
+data: install  ## the empty data/ folder that data.dvc tracks (your own images go there)
 	mkdir -p data
 	dvc commit -f -q data.dvc
 
@@ -59,7 +59,7 @@ lint: install  ## ruff
 
 # Wheels that benchmarks/gpu_check.py needs on a lent GPU machine (Python 3.12, JAX with CUDA,
 # no Keras): Keras and what it imports that such a machine may lack, at the locked versions.
-gpu-wheels: install
+gpu-wheels: install  ## wheels for benchmarks/gpu_check.py on a GPU machine (docs/benchmarks.md)
 	$(VENV)/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
 		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -c requirements.lock \
 		-d .gpu-wheels keras namex optree pyyaml typing_extensions rich markdown-it-py mdurl \

@@ -49,11 +49,13 @@ def test_gate_decisions():
     moved, why = gate(0.99, classes, other, None, False)
     assert not moved and "register.force" in why
     assert gate(0.99, classes, other, None, True)[0]
-    # Chosen on other data: no split is fair to both, whatever the newcomer scores.
-    moved, why = gate(0.99, classes, champion, None, False, other_data="ab" * 32)
-    assert not moved and "chosen on other data (fingerprint abababababab)" in why
+    # Chosen on other data: re-scored all the same (a bias in its favour only); a newcomer
+    # that still wins moves in, one that loses is kept out with the caveat.
+    moved, why = gate(0.9, classes, champion, 0.8, False, other_data="ab" * 32)
+    assert moved and "chosen on other data (fingerprint abababababab)" in why
+    moved, why = gate(0.7, classes, champion, 0.8, False, other_data="ab" * 32)
+    assert not moved and "may have trained on some of these images" in why
     assert "register.force" in why
-    assert gate(0.99, classes, champion, None, True, other_data="ab" * 32)[0]
 
 
 def test_a_champion_that_cannot_be_scored_is_replaced_and_says_why():
@@ -171,9 +173,18 @@ def test_a_champion_whose_files_are_gone_is_replaced_not_failed_on(tmp_path, mon
         assert sorted(str(v.version) for v in versions) == ["1", "2"]
         assert all("cxr.gate" in v.tags for v in versions)
 
-        # A newcomer chosen on other data, however good: the champion stays, saying why.
+        # A newcomer on other data: the champion is re-scored on the newcomer's validation
+        # split (never its test split), and the decision names the other data.
+        splits = []
+        real_split_arrays = register_module.split_arrays
+        monkeypatch.setattr(
+            register_module,
+            "split_arrays",
+            lambda prepared, split: splits.append(split) or real_split_arrays(prepared, split),
+        )
         result = register(runs[2], 1.0, fingerprint="e" * 64)
-        assert not result["alias_moved"] and str(result["champion_version"]) == "2"
+        assert splits == ["val"]
+        assert result["alias_moved"] and str(result["champion_version"]) == "3"
         assert "chosen on other data (fingerprint ffffffffffff)" in result["decision"]
     finally:
         mlflow.set_tracking_uri(None)

@@ -518,7 +518,9 @@ def test_the_real_client_giving_up_keeps_its_bytes_and_the_next_run_resumes(
     assert cached.read_bytes() == sample_zip.read_bytes()
 
 
-def test_the_version_lookup_offline_is_one_line_after_the_retries(tmp_path, creds, monkeypatch):
+def test_the_version_lookup_offline_is_one_line_after_the_retries(
+    tmp_path, creds, monkeypatch, capsys
+):
     """`kaggle_version: null` looks the version up first: offline, the same retry policy
     and one line as the download, not a traceback."""
     from cxr.download import latest_version
@@ -532,5 +534,21 @@ def test_the_version_lookup_offline_is_one_line_after_the_retries(tmp_path, cred
     api.dataset_status = offline
     with pytest.raises(DownloadError, match="Could not reach Kaggle after 4 attempts"):
         latest_version("owner/name", lambda: api)
+    said = capsys.readouterr()  # `cxr kaggle-version`'s stdout is the number alone
+    assert said.out == "" and "retry 1/3" in said.err
     with pytest.raises(DownloadError, match="Could not reach Kaggle after 4 attempts"):
         run_kaggle(tmp_path, api, kaggle_version=None)
+
+
+def test_bytes_kept_from_an_earlier_run_do_not_cut_the_retries_short(tmp_path, creds, monkeypatch):
+    """A partial from an earlier run in the cache, and the network down before any new byte:
+    4 attempts as always (not "broke off"), and the partial stays for the next run."""
+    monkeypatch.setattr("cxr.download.time.sleep", lambda s: None)
+    part = tmp_path / "cache" / ".tawsifurrahman__covid19-radiography-database__v7.zip.part"
+    part.mkdir(parents=True)
+    (part / "covid19-radiography-database.zip").write_bytes(b"PK" + bytes(5000))
+    api = FakeKaggleApi(None, [requests.ConnectionError("down")] * 4)
+    with pytest.raises(DownloadError, match="Could not reach Kaggle after 4 attempts"):
+        run_kaggle(tmp_path, api, kaggle_version=7)
+    assert len(api.calls) == 4
+    assert (part / "covid19-radiography-database.zip").stat().st_size == 5002

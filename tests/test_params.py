@@ -100,7 +100,7 @@ def test_profile_command_line_checks_the_data_folder_first(tmp_path, monkeypatch
     assert main(["profile", "real_cpu", "--archive", str(tmp_path), "--dry-run", *extra]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("+ dvc exp run --temp") and "data.source=archive" in printed
-    assert printed.rstrip().endswith("-S prepare.balance_target=400")
+    assert "-S prepare.balance_target=400 -n real-cpu-20" in printed  # then the dated name
 
 
 def test_predict_defaults_to_the_champion_of_the_registered_model_name(
@@ -226,7 +226,13 @@ def test_cli_numbers_out_of_range_are_refused_never_taken_as_the_default(capsys,
 
 @pytest.mark.parametrize(
     ("argv", "name"),
-    [([], None), (["--", "-n", "mine"], "mine"), (["-n", "mine"], "mine")],
+    [
+        ([], None),
+        (["--", "-n", "mine"], "mine"),
+        (["-n", "mine"], "mine"),
+        (["--name=mine"], "mine"),
+        (["-nmine"], "mine"),
+    ],
 )
 def test_a_demo_is_named_and_passes_dvc_arguments_on(tmp_path, monkeypatch, capsys, argv, name):
     shutil.copy(ROOT / "params.yaml", tmp_path)
@@ -235,5 +241,6 @@ def test_a_demo_is_named_and_passes_dvc_arguments_on(tmp_path, monkeypatch, caps
     assert main(["demo", "--dry-run", *argv]) == 0
     command = capsys.readouterr().out.split()
     assert command[:5] == ["+", "dvc", "exp", "run", "--temp"] and "--" not in command
-    given = command[command.index("-n") + 1]
-    assert given == name if name else re.fullmatch(r"demo-\d{8}-\d{6}", given)
+    assert sum(arg.startswith(("-n", "--name")) for arg in command) == 1  # theirs, or ours
+    if name is None:
+        assert re.fullmatch(r"demo-\d{8}-\d{6}", command[command.index("-n") + 1])

@@ -353,7 +353,7 @@ def test_adding_to_a_finished_run_keeps_its_duration(tmp_path, monkeypatch):
         with tracking.start_run("t", "cnn", {}) as training:
             run_id = training.info.run_id
         before = mlflow.MlflowClient().get_run(run_id).info
-        with tracking.start_run("t", "cnn", {}, run_id=run_id):
+        with tracking.start_run("t", "cnn", {}, run_id=run_id, add_only=True):
             mlflow.log_metric("test_accuracy", 0.9)
         after = mlflow.MlflowClient().get_run(run_id)
         assert after.data.metrics["test_accuracy"] == 0.9

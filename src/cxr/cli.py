@@ -69,9 +69,12 @@ def demo(args: argparse.Namespace) -> int:
         raise CxrError(f"--archive {args.archive} does not exist; pass a zip or a folder.")
     check_data_folder()
     command = profile_command(args.profile, args.archive) + list(args.dvc_args)
-    named = [i for i, arg in enumerate(command) if arg in ("-n", "--name")]
-    if named:
-        name = command[named[0] + 1] if named[0] + 1 < len(command) else ""
+    given = args.dvc_args
+    named = [i for i, arg in enumerate(given) if arg.startswith(("-n", "--name"))]
+    if named:  # -n x, --name x, -nx, --name=x
+        arg = given[named[0]]
+        rest = arg.removeprefix("--name").removeprefix("-n").removeprefix("=")
+        name = rest or (given[named[0] + 1] if named[0] + 1 < len(given) else "")
     else:  # a name to find it by in `dvc exp show`, not DVC's random one
         name = time.strftime(f"{args.profile.replace('_', '-')}-%Y%m%d-%H%M%S")
         command += ["-n", name]

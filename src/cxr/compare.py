@@ -87,8 +87,7 @@ def markdown(
         "",
         f"Champion by validation `{metric}`: **{champion['model']}** "
         f"({champion[f'val_{metric}']:.3f} on {champion['val_n_val']} validation images; "
-        f"{champion[metric]:.3f} on the test split). Ranked by validation `{metric}`; the "
-        "test figures are reported, never used to choose. Brackets: "
+        f"{champion[metric]:.3f} on the test split, reported, never used to choose). Brackets: "
         f"{level:.0%} intervals over {champion['n_test']} test images ({INTERVALS_NOTE}).",
         "",
         f"| rank | model | val {metric} | "

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import stat
+import sys
 import time
 import zipfile
 import zlib
@@ -193,9 +195,11 @@ def _kaggle_call(
     part: Path | None = None,
 ) -> Any:
     """`attempt()` under the retry policy of kaggle_download, its failures translated into
-    one line each; `part`: the folder a download writes into (bytes there mean the
-    transfer had started, and the client's own resumes are spent)."""
+    one line each; `part`: the folder a download writes into (bytes added there in this
+    attempt mean the transfer had started, and the client's own resumes are spent). Retry
+    notes go to stderr: `cxr kaggle-version`'s stdout is the version alone."""
     for number in range(1, retries + 1):
+        before = _zip_bytes(part)
         try:
             return attempt()
         except DownloadError:
@@ -214,26 +218,40 @@ def _kaggle_call(
                     f"Kaggle has no dataset {ref} (HTTP 404): check data.kaggle_dataset "
                     "(owner/name) and data.kaggle_version."
                 ) from err
-            got = sum(p.stat().st_size for p in part.rglob("*") if p.is_file()) if part else 0
-            if _is_network(err) and got:
+            got = _zip_bytes(part)
+            if _is_network(err) and got > before:
                 # bytes had arrived: the client's own resumes of the transfer are spent
                 raise DownloadError(
                     f"The download of {ref} broke off and the Kaggle client's own resumes "
-                    f"(5, by HTTP Range) failed too ({err}); the {got / 2**20:.1f} MiB "
+                    f"(5, by HTTP Range) failed too ({_said(err)}); the {got / 2**20:.1f} MiB "
                     "received are kept and the next run resumes from them. Check the network "
                     "and rerun, or set data.source: archive with a local copy."
                 ) from err
             if not _is_network(err) or number == retries:
                 if _is_network(err):
                     raise DownloadError(
-                        f"Could not reach Kaggle after {retries} attempts ({err}). Check the "
-                        "network, or set data.source: archive with a local copy."
+                        f"Could not reach Kaggle after {retries} attempts ({_said(err)}). "
+                        "Check the network, or set data.source: archive with a local copy."
                     ) from err
                 raise
             wait = backoff_s * 2 ** (number - 1)
-            print(f"download: network error ({err}); retry {number}/{retries - 1} in {wait:g} s")
+            print(
+                f"kaggle: network error ({_said(err)}); retry {number}/{retries - 1} in {wait:g} s",
+                file=sys.stderr,
+            )
             time.sleep(wait)
     raise AssertionError("unreachable")
+
+
+def _zip_bytes(part: Path | None) -> int:
+    """Bytes of the zip being downloaded into `part` (not the client's resume marker)."""
+    return sum(p.stat().st_size for p in part.glob("*.zip")) if part and part.is_dir() else 0
+
+
+def _said(err: BaseException) -> str:
+    """An error's text for a message, without the query strings of the URLs in it (a
+    download URL is signed: its query is a credential)."""
+    return re.sub(r"(https?://[^\s?'\"]+)\?[^\s'\"]*", r"\1?...", str(err))[:300]
 
 
 def latest_version(

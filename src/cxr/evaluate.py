@@ -308,8 +308,9 @@ def validation_scores(
 ) -> dict[str, float]:
     """The scores the champion is chosen by (compare.metric's choices), on the validation
     split: the headline scores of the intact images, and accuracy and macro-F1 with the lungs
-    hidden and with only the lungs visible. Training saw these images only to pick its best
-    epoch (early stopping), the same for every model; no intervals: choosing needs the point
+    hidden and with only the lungs visible. Training saw these images to pick its best epoch
+    (early stopping), and `cxr tune` searches settings by them: choosing among tuned and
+    untuned models favours the tuned ones a little. No intervals: choosing needs the point
     values."""
     x, y, _ = split_arrays(prepared, "val")
     views = {"intact": x, **audit_inputs(x, split_masks(prepared, "val")[0])}
@@ -422,7 +423,9 @@ def evaluate(
     dataset = mlflow.data.from_numpy(  # as the training set: images as features, labels
         x, targets=y, source=str(prepared), name="prepared-test", digest=summary["fingerprint"][:16]
     )
-    with tracking.start_run(params["mlflow"]["experiment"], name, {}, run_id=record["run_id"]):
+    with tracking.start_run(
+        params["mlflow"]["experiment"], name, {}, run_id=record["run_id"], add_only=True
+    ):
         mlflow.log_input(dataset, context="test")
         mlflow.log_metrics(
             {f"test_{k}": v for k, v in flat.items()},

@@ -4,9 +4,10 @@ The champion's Keras model is logged once into its training run as the `classifi
 (see serving.py) and registered as a version of `register.model_name`. The `champion` alias
 moves to it only when it scores at least as well as the current champion re-scored on the
 current validation split (compare chose by that split too; the test split is reported,
-never used to choose), and never across different class sets or data (a champion chosen on
-other data may have trained on today's validation images: no split is fair to both), unless
-`register.force`. A
+never used to choose), and never across different class sets, unless `register.force`. A
+champion chosen on other data (another data fingerprint) is re-scored all the same: it may
+have trained on some of today's validation images, a bias in its favour only, which the
+decision then names. A
 current champion that cannot be loaded or scored (its files gone from the artifact store)
 is replaced, and the decision says why: kept, it would fail every later run. The gate
 decides before a new version exists, and the version is made with its decision (the
@@ -25,6 +26,7 @@ import numpy as np
 
 from cxr import tracking
 from cxr.cache import split_arrays, split_masks
+from cxr.errors import CxrError
 from cxr.io import atomic_path, read_json, write_json
 from cxr.lungs import audit_inputs
 from cxr.metrics import HEADLINE, INTERVALS, INTERVALS_NOTE, lung_verdict, scores
@@ -141,7 +143,7 @@ def rescore(
     metric: str,
     masks: np.ndarray | None = None,
 ):
-    """`metric` of a registered classifier (load_registered) on the current test images. A
+    """`metric` of a registered classifier (load_registered) on images `x`, labels `y`. A
     lung metric (`lungs_only_...`) scores the images with only their lungs (`masks`)
     visible, as the evaluate stage did."""
     from cxr.images import resize
@@ -157,17 +159,14 @@ def rescore(
 
 
 def _rescore_champion(
-    name: str, version: str, prepared: Path, classes: list[str], metric: str, score: bool
+    name: str, version: str, prepared: Path, classes: list[str], metric: str
 ) -> tuple[float | None, str | None]:
-    """(score, None) of the current champion on the current validation split (with `score`;
-    else only loaded: (None, None)), or (None, why) when its own files cannot be loaded
-    (deleted from the artifact store, a missing or corrupt Keras file). Any other failure
-    (the store, memory, the scoring) fails the stage: it says nothing against the champion."""
+    """(score, None) of the current champion on the current validation split, or (None,
+    why) when its own files cannot be loaded (deleted from the artifact store, a missing or
+    corrupt Keras file). Any other failure (the store, memory, the scoring) fails the stage:
+    it says nothing against the champion."""
     uri = f"models:/{name}/{version}"
     try:
-        if not score:
-            load_registered(uri)
-            return None, None
         x, y, _ = split_arrays(prepared, "val")
         masks = split_masks(prepared, "val")[0] if metric in LUNG_METRICS else None
         return rescore(uri, x, y, classes, metric, masks), None
@@ -188,8 +187,10 @@ def gate(
 ) -> tuple[bool, str]:
     """(move the alias?, why), from the newcomer's validation score and the current
     champion's re-scored on the same split, or why the current champion could not be loaded
-    (`broken`), or the data it was chosen on when that is not the newcomer's (`other_data`,
-    its fingerprint: not re-scored)."""
+    (`broken`). `other_data`: the fingerprint of the data the current champion was chosen
+    on when it is not the newcomer's ("unknown" when not recorded). Re-scored here, it may
+    have trained on some of these validation images: a bias in its favour only, so a
+    newcomer that still wins is promoted, and one that loses is kept out with that caveat."""
     if current is None:
         return True, "no champion yet"
     theirs = _classes_of(current)
@@ -205,25 +206,24 @@ def gate(
             f"replaced the current champion (version {current.version}), which cannot be "
             f"loaded or scored: {broken}"
         )
-    if other_data is not None:
-        if force:
-            return True, f"forced over a champion chosen on other data ({other_data[:12]})"
-        return False, (
-            f"kept version {current.version}: it was chosen on other data (fingerprint "
-            f"{other_data[:12]}), which may put its training images in this validation "
-            "split, so no split compares the two fairly; set register.force: true to "
-            "replace it"
-        )
+    other = f", chosen on other data (fingerprint {other_data[:12]})" if other_data else ""
     if newcomer >= current_score:
         return True, (
             f"{newcomer:.4f} >= current champion's {current_score:.4f} (re-scored on this "
-            "validation split)"
+            f"validation split{other})"
         )
     if force:
         return True, f"forced: {newcomer:.4f} < current champion's {current_score:.4f}"
+    caveat = (
+        f"; the champion was chosen on other data (fingerprint {other_data[:12]}) and may "
+        "have trained on some of these images: set register.force: true if this model "
+        "should replace it"
+        if other_data
+        else ""
+    )
     return False, (
         f"kept version {current.version}: this model scores {newcomer:.4f} < the current "
-        f"champion's {current_score:.4f} on the current validation split"
+        f"champion's {current_score:.4f} on the current validation split{caveat}"
     )
 
 
@@ -365,6 +365,11 @@ def register(
     cfg = params["register"]
     name = cfg["model_name"]
     summary = read_json(summary_path)
+    if summary.get("split") != "val":
+        raise CxrError(
+            f"{summary_path} comes from an older compare stage (it chose on the test split): "
+            "run `dvc repro -f compare`."
+        )
     champion, run_id, metric = summary["champion"], summary["run_id"], summary["metric"]
     classes = summary["classes"]
     test = read_json(evaluation / champion / "test.json")
@@ -379,14 +384,14 @@ def register(
     if version is not None and current is not None and current.version == version.version:
         move, decision = True, "already the champion"
     else:
-        # Re-scored only where comparable: the same classes and data (else only loaded).
+        # Re-scored only where comparable: the same classes.
         current_score, broken, other_data = None, None, None
         if current is not None and _classes_of(current) == classes:
-            theirs = current.tags.get("cxr.data_fingerprint") or None
-            if theirs and summary["data_fingerprint"] and theirs != summary["data_fingerprint"]:
+            theirs = current.tags.get("cxr.data_fingerprint") or "unknown"
+            if theirs != summary["data_fingerprint"]:
                 other_data = theirs
             current_score, broken = _rescore_champion(
-                name, current.version, prepared, classes, metric, score=other_data is None
+                name, current.version, prepared, classes, metric
             )
         move, decision = gate(
             summary["value"], classes, current, current_score, cfg["force"], broken, other_data
@@ -394,7 +399,9 @@ def register(
 
     created = version is None
     if created:
-        with tracking.start_run(params["mlflow"]["experiment"], champion, {}, run_id=run_id):
+        with tracking.start_run(
+            params["mlflow"]["experiment"], champion, {}, run_id=run_id, add_only=True
+        ):
             info = _log_classifier(
                 models / champion / "model.keras", classes, params["prepare"]["min_size"]
             )
@@ -421,7 +428,9 @@ def register(
     with atomic_path(out_dir / "model_card.md") as tmp:
         tmp.write_text(card)
     client.update_model_version(name, version.version, description=card)
-    with tracking.start_run(params["mlflow"]["experiment"], champion, {}, run_id=run_id):
+    with tracking.start_run(
+        params["mlflow"]["experiment"], champion, {}, run_id=run_id, add_only=True
+    ):
         mlflow.log_artifact(str(out_dir / "model_card.md"))
     holder = _current_champion(client, name)
     result = {
