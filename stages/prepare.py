@@ -10,6 +10,7 @@ quiet()  # first: drops TensorFlow's known start-up notices (CXR_VERBOSE=1: all)
 from cxr.data_report import log_data_report, write_data_report  # noqa: E402
 from cxr.errors import run_stage  # noqa: E402
 from cxr.io import write_json  # noqa: E402
+from cxr.layout import say_not_read  # noqa: E402
 from cxr.params import stage_params  # noqa: E402
 from cxr.prepare import prepare  # noqa: E402
 from cxr.tracking import check_server  # noqa: E402
@@ -33,7 +34,7 @@ def main() -> None:
         {
             "n_images": report["n_images"],
             "rejected": len(report["rejects"]),
-            "not_read": sum(e["files"] for e in report["not_read"]),
+            "not_read": report["not_read_files"],
             "duplicates_removed": sum(len(d) - 1 for d in report["duplicates"]),
             "conflicts": len(report["conflicts"]),
             **report["counts"],
@@ -46,11 +47,7 @@ def main() -> None:
         f"prepare: lung masks: {masks.get('file', 0)} from mask files, "
         f"{masks.get('template', 0)} from the lung template"
     )
-    not_read = report["not_read"]
-    for entry in not_read[:10]:
-        print(f"prepare: not read: {entry['path']} ({entry['files']} files): {entry['reason']}")
-    if len(not_read) > 10:
-        print(f"prepare: ... and {len(not_read) - 10} more not read: reports/data/report.md")
+    say_not_read("prepare", report["not_read"], "reports/data/report.md")
     for note in report["balance"]["notes"]:
         print(f"prepare: {note}")
 

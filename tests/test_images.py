@@ -78,8 +78,8 @@ def test_a_lung_mask_is_turned_with_its_sideways_image(tmp_path):
     """The mask of a film stored sideways (drawn on its stored pixels) is turned as the
     film is: prepare's masks.npy stays aligned with images.npy."""
     from cxr.classes import DATASET_DIR
+    from cxr.images import decode_upright
     from cxr.lungs import read_mask
-    from cxr.prepare import _turn_of
 
     images = tmp_path / DATASET_DIR / "COVID" / "images"
     images.mkdir(parents=True)
@@ -89,6 +89,7 @@ def test_a_lung_mask_is_turned_with_its_sideways_image(tmp_path):
     sideways = Image.fromarray(band).transpose(Image.Transpose.ROTATE_90)
     (images / "x.jpg").write_bytes(_saved(sideways, "JPEG", orientation=6))
     sideways.save(images.parent / "masks" / "x.jpg")  # the mask as stored: sideways too
-    turn = _turn_of(str(images / "x.jpg"))
+    grey, turn = decode_upright(images / "x.jpg")
+    assert grey.shape == (60, 90)  # upright
     mask = read_mask(images.parent / "masks" / "x.jpg", 30, turn)
     assert mask[:5].all() and not mask[10:].any()  # upright: the band at the top

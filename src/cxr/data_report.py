@@ -143,7 +143,7 @@ def log_data_report(params: dict[str, Any], report: dict[str, Any], report_dir: 
             {
                 "n_images": report["n_images"],
                 "n_rejected": len(report["rejects"]),
-                "n_not_read": sum(e["files"] for e in report["not_read"]),
+                "n_not_read": report["not_read_files"],
                 "n_conflicts": len(report["conflicts"]),
                 **counts,
             }

@@ -171,12 +171,10 @@ def kaggle_download(
         return final
 
     try:
-        result = _kaggle_call(attempt, ref, owner_name, retries, backoff_s, part)
-    finally:
-        if not any(p.is_file() and p.stat().st_size for p in part.rglob("*")):
-            shutil.rmtree(part, ignore_errors=True)  # nothing worth resuming from
-    shutil.rmtree(part, ignore_errors=True)
-    return result
+        return _kaggle_call(attempt, ref, owner_name, retries, backoff_s, part)
+    finally:  # done (the zip moved out), or no byte to resume from: the folder goes
+        if not _zip_bytes(part):
+            shutil.rmtree(part, ignore_errors=True)
 
 
 def _owner_name(dataset: str) -> str:
@@ -410,19 +408,13 @@ def count_images(root: Path) -> dict[str, int]:
     }
 
 
-SHOWN = 10  # lines printed of what an archive holds besides the dataset (all: download.json)
-
-
 def _not_unpacked(unpacked: Path, root: Path, what: str) -> list[dict[str, Any]]:
     """What an unpacked archive holds besides the dataset folder `root`: said, and listed."""
     entries = [
         {"path": path.relative_to(unpacked).as_posix(), "files": n, "reason": reason}
         for path, n, reason in layout.outside(unpacked, root, _is_copy)
     ]
-    for e in entries[:SHOWN]:
-        print(f"download: {what}: not read: {e['path']!r} ({e['files']} files): {e['reason']}")
-    if len(entries) > SHOWN:
-        print(f"download: {what}: {len(entries) - SHOWN} more not read: reports/download.json")
+    layout.say_not_read(f"download: {what}", entries, "reports/download.json")
     return entries
 
 
@@ -467,13 +459,10 @@ def unpack_into(source: Path, out: Path, name: str, what: str) -> dict[str, Any]
     else:  # a user's folder: copy, never move, and never follow a link out of it
         _refuse_links(root, f"{what} {source}")
         shutil.copytree(root, out / name, symlinks=False)
-    info["files"] = _files(out / name, name)
+    info["files"] = (
+        layout.survey(out / name).counts() if name == DATASET_DIR else count_images(out / name)
+    )
     return info
-
-
-def _files(folder: Path, name: str) -> dict[str, int]:
-    """The files prepare reads per class folder (layout.survey) or the top-up's counts."""
-    return layout.survey(folder).counts() if name == DATASET_DIR else count_images(folder)
 
 
 # ---------------------------------------------------------------------------- stage
@@ -501,7 +490,7 @@ def download(
                     tmp / TOPUP_DIR, cfg["per_class"], cfg["image_size"], cfg["seed"]
                 )
             info["synthetic"] = cfg
-            info["files"] = _files(tmp / DATASET_DIR, DATASET_DIR)
+            info["files"] = layout.survey(tmp / DATASET_DIR).counts()  # what prepare reads
         elif source == "archive":
             info.update(unpack_into(Path(data["archive"]), tmp, DATASET_DIR, "data.archive"))
         else:

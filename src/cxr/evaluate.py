@@ -90,18 +90,23 @@ def _lung_crop(model) -> tuple[tuple[int, int], tuple[int, int]]:
 
 
 def audit_scores(
-    y: np.ndarray, probs: dict[str, np.ndarray], classes: list[str], cfg: dict[str, Any]
+    y: np.ndarray,
+    probs: dict[str, np.ndarray],
+    classes: list[str],
+    cfg: dict[str, Any] | None = None,
 ) -> dict[str, float]:
-    """Accuracy and macro-F1, with intervals, of each audit view's probabilities
-    (`lungs_hidden`, `lungs_only`): test.json's `<view>_accuracy`, `<view>_macro_f1`, ..."""
+    """Accuracy and macro-F1 of each audit view's probabilities (`lungs_hidden`,
+    `lungs_only`): test.json's `<view>_accuracy`, `<view>_macro_f1`, and their intervals
+    when `cfg` (evaluate's bootstrap settings) is given."""
     figures = {}
     for view, p in probs.items():
         pred = p.argmax(axis=1)
-        ci = intervals(y, pred, len(classes), cfg["bootstrap"], cfg["ci_level"], cfg["seed"])
         figures[f"{view}_accuracy"] = float(np.mean(pred == y))
         figures[f"{view}_macro_f1"] = macro_f1(y, pred, len(classes))
-        for key in ("accuracy", "macro_f1"):
-            figures[f"{view}_{key}_ci_low"], figures[f"{view}_{key}_ci_high"] = ci[key]
+        if cfg is not None:
+            ci = intervals(y, pred, len(classes), cfg["bootstrap"], cfg["ci_level"], cfg["seed"])
+            for key in ("accuracy", "macro_f1"):
+                figures[f"{view}_{key}_ci_low"], figures[f"{view}_{key}_ci_high"] = ci[key]
     return figures
 
 
@@ -314,17 +319,16 @@ def validation_scores(
     values."""
     x, y, _ = split_arrays(prepared, "val")
     views = {"intact": x, **audit_inputs(x, split_masks(prepared, "val")[0])}
-    figures: dict[str, float] = {"n_val": int(len(y))}
-    for view in ("intact", "lungs_hidden", "lungs_only"):
-        probs = model.predict(views[view], batch_size=batch_size, verbose=0).astype(np.float64)
-        if view == "intact":
-            result = scores(y, probs, classes)
-            figures.update({key: result[key] for key in HEADLINE})
-        else:
-            pred = probs.argmax(axis=1)
-            figures[f"{view}_accuracy"] = float(np.mean(pred == y))
-            figures[f"{view}_macro_f1"] = macro_f1(y, pred, len(classes))
-    return figures
+    probs = {
+        view: model.predict(views[view], batch_size=batch_size, verbose=0).astype(np.float64)
+        for view in ("intact", "lungs_hidden", "lungs_only")
+    }
+    result = scores(y, probs.pop("intact"), classes)
+    return {
+        "n_val": int(len(y)),
+        **{key: result[key] for key in HEADLINE},
+        **audit_scores(y, probs, classes),
+    }
 
 
 def _test_rows(prepared: Path) -> list[dict]:

@@ -77,6 +77,15 @@ def decode_grey(
 ) -> np.ndarray:
     """Decode and validate one file (a path, or its bytes); raise ImageRejected with the reason
     when unusable."""
+    return decode_upright(source, min_size, max_pixels)[0]
+
+
+def decode_upright(
+    source: str | Path | bytes, min_size: int = 1, max_pixels: int = MAX_PIXELS
+) -> tuple[np.ndarray, Image.Transpose | None]:
+    """decode_grey's pixels and the EXIF turn applied to them (None: none), which the lung
+    mask drawn on the stored pixels needs too (prepare). One decode: reading a PNG's EXIF
+    loads the whole image."""
     if isinstance(source, bytes):
         empty, opened = not source, io.BytesIO(source)
     else:
@@ -110,7 +119,7 @@ def decode_grey(
         raise ImageRejected(f"corrupt or truncated ({err})") from err
     if min(grey.shape) < min_size:
         raise ImageRejected(too_small(grey.shape, min_size))
-    return grey
+    return grey, turn
 
 
 def too_small(shape: tuple[int, ...], min_size: int) -> str:
@@ -125,10 +134,10 @@ def resize(grey: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(grey).resize((size, size), Image.BILINEAR))
 
 
-def load_grey(source: str | Path | bytes, size: int) -> np.ndarray:
+def load_grey(source: str | Path | bytes, size: int, min_size: int = 1) -> np.ndarray:
     """Decode an image file (a path, or its bytes) to a (size, size) uint8 grey array: what
     prepare caches, and what `cxr predict` and the served model feed the network."""
-    return resize(decode_grey(source), size)
+    return resize(decode_grey(source, min_size=min_size), size)
 
 
 def content_hash(grey: np.ndarray) -> str:

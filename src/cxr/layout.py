@@ -130,6 +130,18 @@ def survey(base: Path, classes: list[str] | None = None) -> Survey:
     return result
 
 
+SHOWN = 10  # not-read entries printed; the whole list goes to a report
+
+
+def say_not_read(prefix: str, entries: list[dict], where: str) -> None:
+    """Print the first SHOWN not-read entries ({path, files, reason}), one line each, and
+    where the whole list is."""
+    for e in entries[:SHOWN]:
+        print(f"{prefix}: not read: {e['path']!r} ({e['files']} files): {e['reason']}")
+    if len(entries) > SHOWN:
+        print(f"{prefix}: {len(entries) - SHOWN} more not read: {where}")
+
+
 def has_class_folders(path: Path, at_least: int = 1) -> bool:
     """Whether `path` holds `at_least` class folders (names matched as in `survey`)."""
     return path.is_dir() and at_least <= sum(

@@ -296,12 +296,12 @@ def check_settings(name: str, settings: dict, image_size: int | None = None) -> 
             f"params.yaml: models.{name}.filters has {len(settings['filters'])} entries; "
             f"{name} has {blocks} conv blocks: give {blocks} filter counts."
         )
-    size = settings.get("input_size") or image_size
-    if size is not None and size < _min_input(name, settings):
+    size, smallest = settings.get("input_size") or image_size, _min_input(name, settings)
+    if size is not None and size < smallest:
         where = f"models.{name}.input_size" if settings.get("input_size") else "prepare.image_size"
         raise ParamsError(
             f"params.yaml: {where} is {size}; {name} needs inputs of at least "
-            f"{_min_input(name, settings)} px: set models.{name}.input_size to that or more."
+            f"{smallest} px: set models.{name}.input_size to that or more."
         )
 
 

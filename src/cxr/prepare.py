@@ -42,10 +42,9 @@ from cxr.images import (
     IMAGE_SUFFIXES,
     ImageRejected,
     content_hash,
-    decode_grey,
+    decode_upright,
     perceptual_hash,
     resize,
-    upright,
 )
 from cxr.io import atomic_path, progress, worker_dies_with_parent
 from cxr.lungs import mask_file, read_mask, template_mask
@@ -210,27 +209,19 @@ def _open_scratch(*paths: str) -> None:
         _scratch.append((rows, rows.open(write=True)))
 
 
-def _turn_of(path: str):
-    """The EXIF turn decode_grey gave the image (images.upright), for its mask."""
-    from PIL import Image
-
-    with Image.open(path) as img:
-        return upright(img)
-
-
 def _scan_one(job: tuple[int, str, int, int]) -> tuple[int, str | None, str, int, bytes, str]:
     """Decode file `job` and its lung mask, write both to their scratch rows; return (row,
     reject reason, hashes, thumbnail, where the mask came from or why the template stood in)."""
     row, path, size, min_size = job
     try:
-        grey = decode_grey(path, min_size=min_size)
+        grey, turn = decode_upright(path, min_size=min_size)
     except ImageRejected as err:
         return row, str(err), "", 0, b"", ""
     (images, fd), (masks, mask_fd) = _scratch
     images.write(fd, row, resize(grey, size))
     found, mask_from = mask_file(Path(path)), "file"
     try:
-        mask = read_mask(found, size, _turn_of(path)) if found else None
+        mask = read_mask(found, size, turn) if found else None
     except ValueError as err:
         mask, mask_from = None, f"template ({err})"
     if mask is None:
@@ -496,6 +487,7 @@ def prepare(
             if r is not None
         ],
         "not_read": skipped,
+        "not_read_files": sum(e["files"] for e in skipped),
         "duplicates": [paths(c) for c in found["duplicates"]],
         "conflicts": [
             {"paths": paths(c), "labels": sorted({items[i].label for i in c})}

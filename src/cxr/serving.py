@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cxr.images import ImageRejected, decode_grey, resize, too_small
+from cxr.images import ImageRejected, load_grey, resize, too_small
 
 try:
     from mlflow.pyfunc import PythonModel
@@ -90,7 +90,7 @@ def _array_shape(value: Any) -> tuple[int, int]:
 
 def _from_file(data: bytes, i: int, size: int, min_size: int) -> np.ndarray:
     try:
-        return resize(decode_grey(data, min_size=min_size), size)
+        return load_grey(data, size, min_size)
     except ImageRejected as err:
         raise BadRequest(f"image {i}: {err}.") from err
 
