@@ -1,0 +1,171 @@
+"""What `.ci/retrain` asks before it retrains: are the secrets and plugins there, which Kaggle
+version to train on, and has anything changed since the dvc.lock in git.
+
+`python -m cxr.retrain check` fails in one line for a missing secret, a tracking store that
+would die with the runner, or a remote whose DVC plugin is not installed; `version` prints
+the Kaggle version to train on (nothing for other sources); `unchanged [--kaggle-version N]`
+exits 0 when dvc.lock already holds this version, code, data and params (and says so), 1 with
+the list of what changed."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from cxr.errors import CxrError
+from cxr.params import load_params
+from cxr.repo import repo_root
+
+# DVC remote URL scheme -> (the module DVC needs, the extra that installs it).
+REMOTE_PLUGINS = {
+    "s3": ("dvc_s3", "remote-s3"),
+    "gs": ("dvc_gs", "remote-gs"),
+    "gcs": ("dvc_gs", "remote-gs"),
+    "azure": ("dvc_azure", "remote-azure"),
+}
+# Tracking stores that live on the runner: its registry (and the champion) would be lost.
+LOCAL_STORES = ("", "file", "sqlite")
+SECRETS_PAGE = "the repository's Settings > Secrets and variables > Actions"
+
+
+def check(env: Mapping[str, str], params: Mapping[str, Any]) -> None:
+    """Every secret and plugin the retraining needs, before any work."""
+    remote = env.get("DVC_REMOTE_URL", "")
+    if not remote:
+        raise CxrError(
+            f"DVC_REMOTE_URL is not set: add the secret in {SECRETS_PAGE} (for example "
+            "s3://bucket/cxr), so the data, models and run cache outlive the runner."
+        )
+    scheme = urlsplit(remote).scheme
+    module, extra = REMOTE_PLUGINS.get(scheme, (None, None))
+    if module and importlib.util.find_spec(module) is None:
+        raise CxrError(
+            f"the DVC remote is a {scheme}:// store but DVC's plugin for it is not installed: "
+            f"make install EXTRAS=dev,{extra} (the workflow installs remote-s3, remote-gs and "
+            "remote-azure)."
+        )
+    if bool(env.get("AWS_ACCESS_KEY_ID")) != bool(env.get("AWS_SECRET_ACCESS_KEY")):
+        raise CxrError(
+            "only one of AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY is set: set both secrets, "
+            "or neither (a role or instance profile)."
+        )
+    uri = env.get("MLFLOW_TRACKING_URI", "")
+    if urlsplit(uri).scheme in LOCAL_STORES:
+        where = f"{uri.split(':', 1)[0]} store on the runner" if uri else "mlflow.db on the runner"
+        raise CxrError(
+            f"MLFLOW_TRACKING_URI {'is not set' if not uri else 'names a local store'}: runs "
+            f"would go to a {where}, lost with it, and the champion gate would always see no "
+            f"champion; add the secret in {SECRETS_PAGE} (the team's MLflow server or database)."
+        )
+    data = params["data"]
+    if "kaggle" in (data["source"], "kaggle" if data["topup"] else None):
+        from cxr.download import kaggle_credentials
+
+        if not env.get("KAGGLE_API_TOKEN") and not kaggle_credentials():
+            raise CxrError(
+                f"data.source is kaggle but KAGGLE_API_TOKEN is not set: add the secret in "
+                f"{SECRETS_PAGE} (kaggle.com, Settings, API, Generate New Token)."
+            )
+
+
+def version(params: Mapping[str, Any], env: Mapping[str, str], lookup=None) -> int | None:
+    """The Kaggle version to train on: Kaggle's current one (unless KAGGLE_FOLLOW_LATEST is
+    false and params.yaml pins one), None for other sources."""
+    data = params["data"]
+    if data["source"] != "kaggle":
+        return None
+    pinned = data["kaggle_version"]
+    if pinned is not None and env.get("KAGGLE_FOLLOW_LATEST", "true").lower() == "false":
+        return int(pinned)
+    if lookup is None:
+        from cxr.download import latest_version as lookup
+    return lookup(data["kaggle_dataset"])
+
+
+def _produced(path: str, lock: Mapping[str, Any]) -> bool:
+    """Whether `path` is, lies in, or holds only what stages write (outputs in dvc.lock)."""
+    outs = [
+        out["path"] for stage in lock.get("stages", {}).values() for out in stage.get("outs", [])
+    ]
+    return any(path == o or path.startswith(f"{o}/") or o.startswith(f"{path}/") for o in outs)
+
+
+def changes(root: Path, kaggle_version: int | None) -> list[str]:
+    """What would make `dvc exp run` redo work against the dvc.lock in git, deps only: a
+    fresh checkout has no outputs, and an output missing is not a change (an upstream stage
+    whose deps did not change makes the same one)."""
+    lock_path = root / "dvc.lock"
+    if not lock_path.exists():
+        return ["no dvc.lock: nothing has been trained and adopted here yet"]
+    lock = yaml.safe_load(lock_path.read_text()) or {}
+    found = []
+    if kaggle_version is not None:
+        download = lock.get("stages", {}).get("download", {})
+        locked = download.get("params", {}).get("params.yaml", {}).get("data.kaggle_version")
+        if locked != kaggle_version:
+            found.append(f"Kaggle dataset version {locked} -> {kaggle_version}")
+    proc = subprocess.run(
+        ["dvc", "status", "--json"], cwd=root, capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise CxrError(f"dvc status failed: {proc.stderr.strip().splitlines()[-1:]}")
+    for stage, entries in json.loads(proc.stdout or "{}").items():
+        for entry in entries:
+            if isinstance(entry, str):  # "changed command", "always changed", ...
+                found.append(f"{stage}: {entry}")
+                continue
+            for path, state in entry.get("changed deps", {}).items():
+                if isinstance(state, dict):  # params: {key: modified | new | deleted}
+                    keys = [
+                        k
+                        for k in state
+                        if not (k == "data.kaggle_version" and kaggle_version is not None)
+                    ]
+                    found += [f"{stage}: param {k} {state[k]}" for k in keys]
+                elif not (state == "deleted" and _produced(path, lock)):
+                    found.append(f"{stage}: {path} {state}")
+    return list(dict.fromkeys(found))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cxr.retrain", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("check", help="the secrets and plugins the retraining needs")
+    sub.add_parser("version", help="print the Kaggle version to train on (empty: not Kaggle)")
+    p = sub.add_parser("unchanged", help="exit 0 if dvc.lock holds this code, data and params")
+    p.add_argument("--kaggle-version", type=int, default=None)
+    args = parser.parse_args(argv)
+    try:
+        params = load_params()
+        if args.command == "check":
+            check(os.environ, params)
+        elif args.command == "version":
+            found = version(params, os.environ)
+            print("" if found is None else found)
+        else:
+            found = changes(repo_root(), args.kaggle_version)
+            if found:
+                print("retrain: changed since dvc.lock: " + "; ".join(found[:20]))
+                return 1
+            print(
+                "retrain: nothing changed since dvc.lock (same dataset version, code, data and "
+                "params): nothing to train."
+            )
+    except CxrError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
