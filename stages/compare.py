@@ -1,5 +1,6 @@
-"""compare: one table and chart of every evaluated architecture, a paired test between the
-best two, the champion by compare.metric; in reports/compare/ and an MLflow `compare` run."""
+"""compare: one table and chart of every evaluated architecture, their learning curves, a
+paired test between the best two, the champion by compare.metric; in reports/compare/ and an
+MLflow `compare` run."""
 
 from pathlib import Path
 
@@ -15,7 +16,9 @@ from cxr.tracking import check_server  # noqa: E402
 
 def main() -> None:
     check_server()  # a tracking server that is down: one line now, not minutes later
-    summary = compare(stage_params("compare"), Path("evaluation"), Path("reports/compare"))
+    summary = compare(
+        stage_params("compare"), Path("evaluation"), Path("reports/compare"), Path("reports")
+    )
     print(Path("reports/compare/table.md").read_text())
     print(
         f"compare: champion {summary['champion']} by validation {summary['metric']} "

@@ -37,7 +37,8 @@ def main() -> None:
             "not_read": report["not_read_files"],
             "duplicates_removed": sum(len(d) - 1 for d in report["duplicates"]),
             "conflicts": len(report["conflicts"]),
-            **report["counts"],
+            # per class: the data report (reports/data/)
+            **{f"n_{split}": sum(n.values()) for split, n in report["counts"].items()},
         },
     )
     log_data_report(params, report, Path("reports/data"))

@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from cxr import machine
+from cxr.evaluate import dvc_metrics
 from cxr.images import resize
 from cxr.lungs import audit_inputs
 from cxr.metrics import scores
@@ -195,7 +196,7 @@ def _json(path):
 
 
 @e2e
-def test_evaluation_is_in_dvc_and_in_the_training_run(repro):
+def test_evaluation_is_in_dvc_and_in_the_training_run(repro, tmp_path):
     import mlflow
 
     repo = repro["repo"]
@@ -209,9 +210,18 @@ def test_evaluation_is_in_dvc_and_in_the_training_run(repro):
         assert (repo / "evaluation" / "cnn" / "figures" / name).stat().st_size > 1000
 
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo).stdout)
-    assert "evaluation/cnn/test.json" in json.dumps(shown)
-    plots = run(["dvc", "plots", "show", "--json"], repo).stdout
-    assert "evaluation/cnn/predictions.csv" in plots and '"predicted"' in plots
+    assert shown[""]["data"]["evaluation/cnn/metrics.json"]["data"] == dvc_metrics(
+        test, _json(repo / "evaluation" / "cnn" / "val.json")
+    )
+    out = ["-o", str(tmp_path / "plots")]
+    plots = json.loads(run(["dvc", "plots", "show", "--json", *out], repo).stdout)["data"]
+    assert "reports/compare/curves.png" in plots  # every model's learning curves
+    assert all(p["type"] == "image" for ps in plots.values() for p in ps), plots  # offline
+    assert sorted(p for p in plots if "confusion" in p) == sorted(
+        f"evaluation/{m}/figures/confusion.png" for m in TINY["train.models"]
+    )  # one confusion matrix per model
+    run(["dvc", "plots", "show", *out], repo)
+    assert "<script" not in (tmp_path / "plots" / "index.html").read_text()  # no internet
 
     record = _json(repo / "reports" / "cnn" / "mlflow_run.json")
     client = mlflow.MlflowClient(repro["uri"])
@@ -227,7 +237,6 @@ def test_evaluation_is_in_dvc_and_in_the_training_run(repro):
     assert "test_macro_f1" in {m.key for m in logged.metrics}
     val = _json(repo / "evaluation" / "cnn" / "val.json")
     assert r.data.metrics["val_split_macro_f1"] == pytest.approx(val["macro_f1"])
-    assert "evaluation/cnn/val.json" in json.dumps(shown)
     # The run's duration is the training's: evaluate and register added to it afterwards.
     evaluated_ms = (repo / "evaluation" / "cnn" / "test.json").stat().st_mtime * 1000
     assert r.info.status == "FINISHED" and r.info.end_time < evaluated_ms

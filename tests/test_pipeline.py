@@ -8,12 +8,16 @@ that need a repository of their own):
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import re
+from collections import defaultdict
 
 import pytest
 import yaml
 
-from tests.conftest import TINY, copy_repo, run, set_params
+from tests.conftest import ROOT, TINY, copy_repo, run, set_params
 
 pytestmark = pytest.mark.e2e
 
@@ -75,6 +79,42 @@ def test_demo_writes_runs_to_the_store_at_the_repo_root(demo):
     shown = run(["dvc", "exp", "show", "--json"], repo).stdout
     for name in names:
         assert name in shown
+
+
+def _changed(params: dict) -> list[str]:
+    """The demo's overrides that differ from params.yaml's values."""
+    from cxr.params import flatten
+
+    defaults = flatten({k: v for k, v in params.items() if k != "demo"})
+    return [k for k, v in params["demo"].items() if defaults.get(k) != v]
+
+
+def test_exps_shows_params_and_metrics_without_hash_columns_under_80(demo):
+    """`cxr exps` (the demo's "Done" names it): the demo's params, each model's few metrics
+    and nothing else; the same count for the real demo's six models stays under 80."""
+    from cxr.cli import dependency_columns
+    from cxr.evaluate import dvc_metrics
+    from cxr.train import DVC_METRICS
+
+    repo = demo["repo"]
+    assert "cxr exps" in demo["first"].stdout
+    table = run(["cxr", "exps", "--", "--csv"], repo).stdout
+    header = next(csv.reader(io.StringIO(table)))
+    fixed = ["Experiment", "rev", "typ", "Created"]  # the table merges the first three
+    assert header[:4] == fixed, header
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    changed = _changed(params)
+    metrics = [h for h in header[4:] if h not in changed]
+    assert set(header[4:]) - set(metrics) == set(changed)
+    deps = re.compile(dependency_columns(repo / "dvc.yaml"))
+    assert not [m for m in metrics if deps.match(m)], metrics  # no file hashes
+    per_model = len(DVC_METRICS) + len(dvc_metrics(defaultdict(float), defaultdict(float)))
+    models = params["demo"]["train.models"]
+    shared = len(metrics) - per_model * len(models)  # prepare's
+    assert shared >= 0 and all(m.isidentifier() for m in metrics), metrics
+    real = yaml.safe_load((ROOT / "params.yaml").read_text())
+    count = 2 + len(_changed(real)) + shared + per_model * len(real["train"]["models"])
+    assert count < 80, count
 
 
 def test_second_demo_restores_data_stages_from_run_cache(demo):
@@ -172,8 +212,7 @@ def test_training_logs_its_dataset_speed_and_tensorboard(repro):
     assert inputs and inputs[0].dataset.digest == dataset["fingerprint"][:16]
     assert list((repo / "models" / "cnn4_bn" / "tensorboard").rglob("events.out.tfevents.*"))
     assert r.data.params["runtime.dtype_policy"] == "float32"
-    metrics = json.loads((repo / "reports" / "cnn4_bn" / "train.json").read_text())
-    assert metrics["epochs_run"] == TINY["train.epochs"]
+    assert r.data.metrics["epochs_run"] == TINY["train.epochs"]
 
 
 def test_kaggle_without_credentials_fails_with_a_clear_message(tmp_path):

@@ -168,8 +168,14 @@ def test_retraining_trains_pushes_and_then_skips_when_nothing_changed(tmp_path, 
     assert runs and len(client.search_runs([experiment])) == len(runs)
     assert client.get_model_version_by_alias(model, "champion").version == champion.version
 
-    # What would retrain: a param of one stage, named.
+    # What would retrain, named: a param of one stage; other images in data.dvc (not pulled).
     work = tmp_path / "second"
     set_params(work, {"train.epochs": 3})
+    dvcfile = work / "data.dvc"
+    dvcfile.write_text(
+        re.sub(r"md5: \w+", "md5: 0123456789abcdef0123456789abcdef", dvcfile.read_text())
+    )
     proc = run(["python", "-m", "cxr.retrain", "unchanged"], work, check=False)
-    assert proc.returncode == 1 and "train@cnn: param train.epochs modified" in proc.stdout
+    assert proc.returncode == retrain.CHANGED
+    assert "train@cnn: param train.epochs modified" in proc.stdout
+    assert "prepare: data deleted (data.dvc)" in proc.stdout

@@ -85,11 +85,39 @@ def demo(args: argparse.Namespace) -> int:
     if code == 0:
         print(
             f"\nDone. params.yaml is unchanged; the results live in the DVC experiment {name}:\n"
-            "  dvc exp show                 # params and metrics of every experiment\n"
+            "  cxr exps                     # the params and metrics that differ, per experiment\n"
             "  dvc exp apply <name>         # bring an experiment's outputs into the workspace\n"
             "  mlflow ui                    # runs, curves and models (open 'Model training')\n"
         )
     return code
+
+
+def dependency_columns(dvc_yaml: Path) -> str:
+    """A regular expression matching the names of `dvc exp show`'s dependency columns (the
+    hashes of every file a stage reads, from dvc.yaml): `--only-changed` keeps those of stage
+    outputs that one row lacks (the workspace after `cxr demo`), dozens of them."""
+    import re
+
+    from cxr.params import read_yaml
+
+    deps = {d for s in read_yaml(dvc_yaml)["stages"].values() for d in s.get("deps", [])}
+    return (
+        "^("
+        + "|".join(sorted(re.escape(d).replace(r"\$\{item\.model\}", "[^/:]+") for d in deps))
+        + ")$"
+    )
+
+
+def exps(args: argparse.Namespace) -> int:
+    command = [
+        "dvc",
+        "exp",
+        "show",
+        "--only-changed",
+        "--drop",
+        dependency_columns(Path("dvc.yaml")),
+    ]
+    return subprocess.call(command + list(args.dvc_args))
 
 
 def _model_uri(args: argparse.Namespace) -> str:
@@ -234,8 +262,8 @@ def _at_least(low: float, kind=int, high: float = math.inf):
 
 DESCRIPTION = (
     "Chest radiograph classification pipeline (DVC stages, MLflow tracking): run it "
-    "(demo, profile), classify and serve with the champion (predict, serve), tune a model "
-    "(tune), look up the Kaggle dataset (kaggle-version)."
+    "(demo, profile), compare experiments (exps), classify and serve with the champion "
+    "(predict, serve), tune a model (tune), look up the Kaggle dataset (kaggle-version)."
 )
 
 
@@ -271,6 +299,13 @@ def main(argv: list[str] | None = None) -> int:
     # Extra `dvc exp run` arguments follow `--` (collected in main: argparse gives a
     # subcommand's trailing positionals nothing after its first positional).
     p.set_defaults(func=demo)
+    p = sub.add_parser(
+        "exps",
+        help="the experiments side by side: the params and metrics that differ "
+        "(dvc exp show --only-changed, without the columns of file hashes)",
+        epilog="Arguments after `--` go to `dvc exp show`, e.g. `cxr exps -- --md`.",
+    )
+    p.set_defaults(func=exps)
     p = sub.add_parser("predict", help="classify radiograph files (PNG/JPEG)")
     p.add_argument("images", nargs="+", type=Path, help="image files")
     p.add_argument(
@@ -324,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.set_defaults(func=kaggle_version)
     args, extra = parser.parse_known_args(argv)
-    if args.command in ("demo", "profile", "tune"):
+    if args.command in ("demo", "profile", "tune", "exps"):
         args.dvc_args = extra[1:] if extra[:1] == ["--"] else extra  # after --: for dvc
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -178,9 +178,36 @@ def plot(ranked: list[dict], n_classes: int, path: Path) -> None:
     save_figure(fig, path)
 
 
-def compare(params: dict[str, Any], evaluation: Path, out_dir: Path) -> dict[str, Any]:
-    """Write table.md, table.csv, chart.png and summary.json (the champion) in `out_dir`;
-    log them as this execution's `compare` run."""
+def plot_curves(models: list[str], histories: Path, path: Path) -> None:
+    """Training and validation loss and accuracy of every model, per epoch, in one figure
+    (from each training's `<histories>/<model>/history.csv`)."""
+    plt = pyplot()
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    colours = plt.get_cmap("tab10")
+    for i, name in enumerate(models):
+        with open(histories / name / "history.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        epochs = [int(r["epoch"]) for r in rows]
+        for ax, key in zip(axes, ("loss", "accuracy"), strict=True):
+            ax.plot(epochs, [float(r[key]) for r in rows], ls="--", color=colours(i), lw=1)
+            ax.plot(epochs, [float(r[f"val_{key}"]) for r in rows], color=colours(i), label=name)
+    for ax, key in zip(axes, ("loss", "accuracy"), strict=True):
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key)
+        ax.set_title(f"{key}: validation (solid), training (dashed)", fontsize=10)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def compare(
+    params: dict[str, Any], evaluation: Path, out_dir: Path, histories: Path | None = None
+) -> dict[str, Any]:
+    """Write table.md, table.csv, chart.png, summary.json (the champion) and, given the
+    training histories' folder, curves.png in `out_dir`; log them as this execution's
+    `compare` run."""
     import mlflow
 
     metric = params["compare"]["metric"]
@@ -225,6 +252,8 @@ def compare(params: dict[str, Any], evaluation: Path, out_dir: Path) -> dict[str
         writer.writeheader()
         writer.writerows(ranked)
     plot(ranked, len(classes), out_dir / "chart.png")
+    if histories is not None:
+        plot_curves(models, histories, out_dir / "curves.png")
     write_json(out_dir / "summary.json", summary)
 
     tags = tracking.run_tags("compare", champion["data_fingerprint"] or "")

@@ -337,6 +337,19 @@ def _test_rows(prepared: Path) -> list[dict]:
     return [r for r in load_prepared(prepared)[1] if r["split"] == "test"]
 
 
+def dvc_metrics(test: dict[str, Any], val: dict[str, Any]) -> dict[str, float]:
+    """What `dvc metrics` and `dvc exp show` list of an evaluation (test.json and val.json
+    hold everything): the score the champion is chosen by by default, the headline test
+    scores, and the lung audit's two views; few, so that six models' table stays readable."""
+    return {
+        "val_macro_f1": val["macro_f1"],
+        "test_accuracy": test["accuracy"],
+        "test_macro_f1": test["macro_f1"],
+        "lungs_hidden_accuracy": test["lungs_hidden_accuracy"],
+        "lungs_only_accuracy": test["lungs_only_accuracy"],
+    }
+
+
 def evaluate(
     name: str,
     params: dict[str, Any],
@@ -390,6 +403,7 @@ def evaluate(
     write_json(out_dir / "per_source.json", per_source(y, probs.argmax(axis=1), sources, classes))
     write_json(out_dir / "test.json", metrics)
     write_json(out_dir / "val.json", val)
+    write_json(out_dir / "metrics.json", dvc_metrics(metrics, val))
     plot_audit(
         x,
         masks,

@@ -4,8 +4,8 @@ version to train on, and has anything changed since the dvc.lock in git.
 `python -m cxr.retrain check` fails in one line for a missing secret, a tracking store that
 would die with the runner, or a remote whose DVC plugin is not installed; `version` prints
 the Kaggle version to train on (nothing for other sources); `unchanged [--kaggle-version N]`
-exits 0 when dvc.lock already holds this version, code, data and params (and says so), 1 with
-the list of what changed."""
+exits 0 when dvc.lock already holds this version, code, data and params (and says so), 3
+(CHANGED) with the list of what changed; any other status is a failure."""
 
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ REMOTE_PLUGINS = {
 # Tracking stores that live on the runner: its registry (and the champion) would be lost.
 LOCAL_STORES = ("", "file", "sqlite")
 SECRETS_PAGE = "the repository's Settings > Secrets and variables > Actions"
+CHANGED = 3  # `unchanged`'s exit status when something changed (1 is Python's for a crash)
 
 
 def check(env: Mapping[str, str], params: Mapping[str, Any]) -> None:
@@ -67,8 +68,7 @@ def check(env: Mapping[str, str], params: Mapping[str, Any]) -> None:
             f"would go to a {where}, lost with it, and the champion gate would always see no "
             f"champion; add the secret in {SECRETS_PAGE} (the team's MLflow server or database)."
         )
-    data = params["data"]
-    if "kaggle" in (data["source"], "kaggle" if data["topup"] else None):
+    if params["data"]["source"] == "kaggle":
         from cxr.download import kaggle_credentials
 
         if not env.get("KAGGLE_API_TOKEN") and not kaggle_credentials():
@@ -100,10 +100,20 @@ def _produced(path: str, lock: Mapping[str, Any]) -> bool:
     return any(path == o or path.startswith(f"{o}/") or o.startswith(f"{path}/") for o in outs)
 
 
+def _tracked(root: Path) -> dict[str, str]:
+    """The hash of each path a .dvc file in `root` tracks (data.dvc: the user's images)."""
+    found = {}
+    for dvcfile in (p for p in root.glob("*.dvc") if p.is_file()):
+        for out in (yaml.safe_load(dvcfile.read_text()) or {}).get("outs", []):
+            found[out["path"]] = out.get("md5")
+    return found
+
+
 def changes(root: Path, kaggle_version: int | None) -> list[str]:
     """What would make `dvc exp run` redo work against the dvc.lock in git, deps only: a
     fresh checkout has no outputs, and an output missing is not a change (an upstream stage
-    whose deps did not change makes the same one)."""
+    whose deps did not change makes the same one). A path a .dvc file tracks (data/) is
+    compared by the hash in that file: it is not pulled yet."""
     lock_path = root / "dvc.lock"
     if not lock_path.exists():
         return ["no dvc.lock: nothing has been trained and adopted here yet"]
@@ -119,7 +129,11 @@ def changes(root: Path, kaggle_version: int | None) -> list[str]:
     )
     if proc.returncode != 0:
         raise CxrError(f"dvc status failed: {proc.stderr.strip().splitlines()[-1:]}")
+    tracked = _tracked(root)
     for stage, entries in json.loads(proc.stdout or "{}").items():
+        if stage.endswith(".dvc"):
+            continue  # its outputs: compared below, where a stage reads them
+        locked = {d["path"]: d.get("md5") for d in lock["stages"].get(stage, {}).get("deps", [])}
         for entry in entries:
             if isinstance(entry, str):  # "changed command", "always changed", ...
                 found.append(f"{stage}: {entry}")
@@ -132,6 +146,9 @@ def changes(root: Path, kaggle_version: int | None) -> list[str]:
                         if not (k == "data.kaggle_version" and kaggle_version is not None)
                     ]
                     found += [f"{stage}: param {k} {state[k]}" for k in keys]
+                elif path in tracked:
+                    if tracked[path] != locked.get(path):
+                        found.append(f"{stage}: {path} {state} ({path}.dvc)")
                 elif not (state == "deleted" and _produced(path, lock)):
                     found.append(f"{stage}: {path} {state}")
     return list(dict.fromkeys(found))
@@ -156,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             found = changes(repo_root(), args.kaggle_version)
             if found:
                 print("retrain: changed since dvc.lock: " + "; ".join(found[:20]))
-                return 1
+                return CHANGED
             print(
                 "retrain: nothing changed since dvc.lock (same dataset version, code, data and "
                 "params): nothing to train."

@@ -182,7 +182,7 @@ def train(
         tracking.write_run_record(report_dir / "mlflow_run.json", run, model_id=model_id)
         phases.done("logging")
         mlflow.log_metrics(phases.metrics())
-    write_json(report_dir / "train.json", metrics)
+    write_json(report_dir / "train.json", {k: metrics[k] for k in DVC_METRICS})
     checkpoint.remove()
     print(phases.line())
     return metrics | timing
@@ -228,6 +228,11 @@ class LogRuntime(keras.callbacks.Callback):
                 "runtime.dtype_policy": self.model.dtype_policy.name,
             }
         )
+
+
+# What `dvc metrics` and `dvc exp show` get of a training (MLflow has all of summarise's):
+# few, so that a table of six models' experiments stays readable.
+DVC_METRICS = ("val_loss", "best_epoch")
 
 
 def summarise(result: Fitted) -> tuple[dict[str, Any], dict[str, float]]:
