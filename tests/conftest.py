@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -150,48 +151,52 @@ def wait_until_up(url: str, proc: subprocess.Popen, log: Path, timeout: float) -
         time.sleep(0.5)
 
 
+@contextlib.contextmanager
+def serving(command: list[str], log: Path, probe: str, timeout: float):
+    """Run a server `command` in its own process group, logging to `log`, until `probe`
+    answers; on exit stop the whole group: servers start helper processes (MLflow's job
+    consumers) that outlive a killed parent."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            wait_until_up(probe, proc, log, timeout=timeout)
+            yield
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:  # the group is already gone (it failed to start)
+                pass
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1, in its own process group, stopped with it."""
+    """A real `mlflow server` on 127.0.0.1, stopped with the session."""
     where = tmp_path_factory.mktemp("mlflow-server")
     port = _free_port()
-    log = open(where / "server.log", "w")  # noqa: SIM115 (open for the server's lifetime)
-    proc = subprocess.Popen(
-        [
-            str(BIN / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            # CI's .ci/with-postgres points this at PostgreSQL (the team set-up in the README)
-            worker_database(os.environ.get("CXR_TEST_BACKEND_STORE_URI"))
-            or f"sqlite:///{where / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(where / "artifacts"),
-            "--workers",
-            "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    command = [
+        str(BIN / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        # CI's .ci/with-postgres points this at PostgreSQL (the team set-up in the README)
+        worker_database(os.environ.get("CXR_TEST_BACKEND_STORE_URI"))
+        or f"sqlite:///{where / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(where / "artifacts"),
+        "--workers",
+        "1",
+    ]
     uri = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(f"{uri}/health", proc, where / "server.log", timeout=120)
+    with serving(command, where / "server.log", f"{uri}/health", timeout=120):
         yield uri
-    finally:
-        # The server starts helper processes (job consumers) that outlive a killed parent:
-        # stop the whole group.
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:  # the group is already gone (the server failed to start)
-            pass
-        log.close()
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ real S3-compatible server (moto) and a real `mlflow server` on 127.0.0.1."""
 from __future__ import annotations
 
 import re
-import subprocess
 import time
 import urllib.request
 
@@ -13,7 +12,7 @@ import pytest
 from cxr import retrain
 from cxr.errors import CxrError
 from cxr.params import load_params
-from tests.conftest import BIN, ROOT, TINY, _free_port, copy_repo, run, set_params, wait_until_up
+from tests.conftest import BIN, ROOT, TINY, _free_port, copy_repo, run, serving, set_params
 
 PARAMS = load_params(ROOT / "params.yaml")
 READY = {
@@ -93,23 +92,12 @@ BUCKET = "cxr-test"
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """moto's S3 server on 127.0.0.1 with an empty bucket."""
-    where = tmp_path_factory.mktemp("s3")
+    log = tmp_path_factory.mktemp("s3") / "moto.log"
     port = _free_port()
-    log = open(where / "moto.log", "w")  # noqa: SIM115 (open for the server's lifetime)
-    proc = subprocess.Popen(
-        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
     url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(url, proc, where / "moto.log", timeout=60)
+    with serving([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], log, url, 60):
         urllib.request.urlopen(urllib.request.Request(f"{url}/{BUCKET}", method="PUT")).close()
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
-        log.close()
 
 
 def _objects(s3: str) -> list[str]:

@@ -92,11 +92,8 @@ def version(params: Mapping[str, Any], env: Mapping[str, str], lookup=None) -> i
     return lookup(data["kaggle_dataset"])
 
 
-def _produced(path: str, lock: Mapping[str, Any]) -> bool:
-    """Whether `path` is, lies in, or holds only what stages write (outputs in dvc.lock)."""
-    outs = [
-        out["path"] for stage in lock.get("stages", {}).values() for out in stage.get("outs", [])
-    ]
+def _produced(path: str, outs: list[str]) -> bool:
+    """Whether `path` is, lies in, or holds only what stages write (`outs`, from dvc.lock)."""
     return any(path == o or path.startswith(f"{o}/") or o.startswith(f"{path}/") for o in outs)
 
 
@@ -130,6 +127,7 @@ def changes(root: Path, kaggle_version: int | None) -> list[str]:
     if proc.returncode != 0:
         raise CxrError(f"dvc status failed: {proc.stderr.strip().splitlines()[-1:]}")
     tracked = _tracked(root)
+    outs = [o["path"] for stage in lock["stages"].values() for o in stage.get("outs", [])]
     for stage, entries in json.loads(proc.stdout or "{}").items():
         if stage.endswith(".dvc"):
             continue  # its outputs: compared below, where a stage reads them
@@ -149,7 +147,7 @@ def changes(root: Path, kaggle_version: int | None) -> list[str]:
                 elif path in tracked:
                     if tracked[path] != locked.get(path):
                         found.append(f"{stage}: {path} {state} ({path}.dvc)")
-                elif not (state == "deleted" and _produced(path, lock)):
+                elif not (state == "deleted" and _produced(path, outs)):
                     found.append(f"{stage}: {path} {state}")
     return list(dict.fromkeys(found))
 
