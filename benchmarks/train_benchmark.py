@@ -30,6 +30,9 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import cxr  # noqa: E402, F401  (first: TensorFlow with oneDNN on every x86-64 CPU)
+
+# isort: split
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402  (the study's PNG loader, (d); TensorFlow's own (b))

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+import cxr  # noqa: F401  (before any test imports Keras: TensorFlow with oneDNN, cxr.machine)
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: dvc, mlflow, cxr
 REAL_SAMPLE = ROOT.parent / "shared" / "data" / "cxr-real-sample"

@@ -286,7 +286,13 @@ def test_synthetic_topup_has_the_paediatric_layout(tmp_path):
     data = data_params(
         source="synthetic",
         topup="viral",
-        synthetic={"per_class": 8, "image_size": 64, "seed": 0, "shortcut": "none"},
+        synthetic={
+            "per_class": 8,
+            "image_size": 64,
+            "seed": 0,
+            "findings": 1.0,
+            "shortcut": "none",
+        },
     )
     info = download(data, tmp_path / "raw", tmp_path / "d.json", tmp_path / "cache")
     pneumonia = tmp_path / "raw" / "chest_xray" / "train" / "PNEUMONIA"

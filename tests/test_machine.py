@@ -48,3 +48,43 @@ def test_gpus_are_named_only_when_nvidia_smi_succeeds(code, stdout, expected, mo
         lambda *a, **k: SimpleNamespace(returncode=code, stdout=stdout),
     )
     assert machine.gpus() == expected
+
+
+@pytest.mark.parametrize(
+    "info, env, expected",
+    [
+        (EPYC, None, "off"),  # AVX2 only: TensorFlow's own rule leaves oneDNN off
+        (XEON, None, "on"),
+        (EPYC, "1", "on"),
+        (XEON, "0", "off"),
+        (XEON, "False", "off"),
+    ],
+)
+def test_onednn_follows_the_variable_else_tensorflows_cpu_rule(info, env, expected, monkeypatch):
+    monkeypatch.delenv(machine.ONEDNN_ENV, raising=False)
+    if env is not None:
+        monkeypatch.setenv(machine.ONEDNN_ENV, env)
+    assert machine.onednn(info) == expected
+
+
+@pytest.mark.parametrize("env", [None, "0"])
+def test_tensorflow_uses_onednn_after_import_cxr_unless_told_not_to(env):
+    """On an AVX2-only CPU TensorFlow alone would leave oneDNN off: `import cxr` turns it on,
+    and TensorFlow must agree with what the header says."""
+    import os
+    import subprocess
+    import sys
+
+    environ = {k: v for k, v in os.environ.items() if k != machine.ONEDNN_ENV}
+    if env is not None:
+        environ[machine.ONEDNN_ENV] = env
+    code = (
+        "import cxr\n"
+        "from cxr import machine\n"
+        "from tensorflow.python.util import _pywrap_util_port as port\n"
+        "print(machine.onednn(), 'on' if port.IsMklEnabled() else 'off')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=environ, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == (["on", "on"] if env is None else ["off", "off"])

@@ -62,12 +62,17 @@ def test_model_without_settings_is_named(tmp_path):
 def test_demo_command_passes_each_override():
     command = profile_command("demo", params_path=ROOT / "params.yaml")
     assert command[:4] == ["dvc", "exp", "run", "--temp"]
-    demo = load_params(ROOT / "params.yaml")["demo"]
+    params = load_params(ROOT / "params.yaml")
+    demo = params["demo"]
     assert demo["data.source"] == "synthetic"
     pairs = [command[i + 1] for i in range(4, len(command), 2)]
     assert "data.source=synthetic" in pairs and len(pairs) == len(demo)
     # A key params.yaml lacks is added with Hydra's "+" (DVC refuses it otherwise).
-    assert "+models.resnet50v2.epochs=12" in pairs
+    defaults = flatten({k: v for k, v in params.items() if k != "demo"})
+    added = {k for k in demo if k not in defaults}
+    assert added and {p.split("=")[0] for p in pairs if p.startswith("+")} == {
+        f"+{k}" for k in added
+    }
 
 
 def test_profile_command_reads_an_archive(tmp_path):

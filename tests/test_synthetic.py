@@ -35,6 +35,20 @@ def test_the_mask_is_where_the_findings_are():
     assert not mask[:, 64].any() and mask[:, :64].any() and mask[:, 64:].any()
 
 
+def test_findings_scale_only_what_lies_in_the_lungs():
+    """data.synthetic.findings (the demo's 3.0): the same film with stronger findings, only
+    inside the lungs; a normal film has none to scale."""
+    assert np.array_equal(phantom("normal", 0, 96, findings=2.0), phantom("normal", 0, 96))
+    for label in ("covid", "lung_opacity", "pneumonia"):
+        (plain, mask), strong = (
+            _phantom(label, 0, 96, 0, "none"),
+            phantom(label, 0, 96, findings=2.0),
+        )
+        # Every film is standardised afterwards, so the outside moves a little too: far less.
+        change = np.abs(strong.astype(float) - plain)
+        assert change[mask].mean() > 2 * change[~mask].mean() > 0, label
+
+
 def test_the_planted_marker_sits_in_a_corner_of_its_own_per_class():
     corners = {}
     for k, label in enumerate(LABELS):

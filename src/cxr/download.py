@@ -483,7 +483,12 @@ def download(
         if source == "synthetic":
             cfg = data["synthetic"]
             synthetic.write_dataset(
-                tmp, cfg["per_class"], cfg["image_size"], cfg["seed"], shortcut=cfg["shortcut"]
+                tmp,
+                cfg["per_class"],
+                cfg["image_size"],
+                cfg["seed"],
+                shortcut=cfg["shortcut"],
+                findings=cfg["findings"],
             )
             if data["topup"]:
                 synthetic.write_topup(

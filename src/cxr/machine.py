@@ -20,18 +20,55 @@ from pathlib import Path
 # bf16/int8 only) is named beside it.
 SIMD_LEVELS = (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"))
 LIBRARIES = ("tensorflow", "keras", "jax", "mlflow", "dvc")
+# TensorFlow's x86-64 Linux wheels run convolutions through oneDNN by default only on CPUs
+# with one of these flags (IsMklEnabled in tensorflow/core/util/port.cc, TensorFlow 2.21);
+# elsewhere, e.g. on an AVX2-only AMD EPYC (Zen 3), through Eigen: 2-4x slower for these
+# models (docs/benchmarks.md). `use_onednn` turns it on there too.
+ONEDNN_ENV = "TF_ENABLE_ONEDNN_OPTS"
+ONEDNN_DEFAULT_FLAGS = {
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx_vnni",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+}
+
+
+def _cpuinfo() -> str:
+    proc = Path("/proc/cpuinfo")
+    return proc.read_text() if proc.exists() else ""
+
+
+def _fields(info: str) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    for line in info.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def use_onednn() -> None:
+    """oneDNN for TensorFlow on every x86-64 CPU, unless TF_ENABLE_ONEDNN_OPTS says otherwise
+    (0 keeps Eigen). Only before TensorFlow starts: `import cxr` calls it."""
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        os.environ.setdefault(ONEDNN_ENV, "1")
+
+
+def onednn(info: str | None = None) -> str:
+    """'on' or 'off': whether TensorFlow started now would use oneDNN (its variable, else
+    its CPU rule), from `info`, the text of /proc/cpuinfo by default."""
+    value = os.environ.get(ONEDNN_ENV, "").strip().lower()
+    if value in ("1", "true", "0", "false"):
+        return "on" if value in ("1", "true") else "off"
+    flags = set(_fields(_cpuinfo() if info is None else info).get("flags", "").split())
+    return "on" if flags & ONEDNN_DEFAULT_FLAGS else "off"
 
 
 def cpu(info: str | None = None) -> tuple[str, str]:
     """(CPU model name, widest SIMD level: AVX-512 | AVX2 | AVX | none known, '+ AMX' added
     where the CPU has matrix tiles) from `info`, the text of /proc/cpuinfo by default."""
-    if info is None:
-        proc = Path("/proc/cpuinfo")
-        info = proc.read_text() if proc.exists() else ""
-    fields: dict[str, str] = {}
-    for line in info.splitlines():
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
+    fields = _fields(_cpuinfo() if info is None else info)
     flags = set(fields.get("flags", "").split())
     simd = next((name for flag, name in SIMD_LEVELS if flag in flags), "none known")
     if "amx_tile" in flags:
@@ -58,11 +95,13 @@ def gpus() -> list[str]:
 
 
 def versions() -> str:
-    """Installed versions of the libraries a figure depends on, e.g. 'tensorflow 2.21.0'."""
+    """Installed versions of the libraries a figure depends on, e.g. 'tensorflow 2.21.0
+    (oneDNN on)'."""
     found = []
     for name in LIBRARIES:
         with contextlib.suppress(metadata.PackageNotFoundError):
-            found.append(f"{name} {metadata.version(name)}")
+            extra = f" (oneDNN {onednn()})" if name == "tensorflow" else ""
+            found.append(f"{name} {metadata.version(name)}{extra}")
     return ", ".join([f"python {platform.python_version()}", *found])
 
 

@@ -65,6 +65,7 @@ def _whole_list(low: int):
 RANGES: dict[str, tuple[Any, str]] = {
     "data.synthetic.per_class": _whole(1),
     "data.synthetic.image_size": _whole(16),
+    "data.synthetic.findings": _number(0, 10, open_low=True),
     "prepare.image_size": _whole(16),
     "prepare.min_size": _whole(1),
     "prepare.near_duplicate_bits": _whole(0, 64),
@@ -111,7 +112,13 @@ SCHEMA: dict[str, Any] = {
         "topup": (str, type(None)),
         "topup_dataset": str,
         "topup_archive": (str, type(None)),
-        "synthetic": {"per_class": int, "image_size": int, "seed": int, "shortcut": str},
+        "synthetic": {
+            "per_class": int,
+            "image_size": int,
+            "seed": int,
+            "findings": float,
+            "shortcut": str,
+        },
         "classes": list,
     },
     "prepare": {

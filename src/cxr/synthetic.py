@@ -13,6 +13,9 @@ Each image is then standardised to the same mean and spread, so global brightnes
 nothing about the class: a linear model on raw pixels stays far from perfect while a small
 CNN, which sees texture and shape, learns the classes (see tests/test_synthetic.py).
 
+`findings` scales the findings' contrast: 1 (the default) is the phantoms above; the demo
+triples it so that VGG and ResNet50V2, trained from scratch, learn within its CPU budget.
+
 Each phantom ships its exact lung mask (where findings can be) in the Kaggle layout,
 `<Class>/masks/<same name>.png` at 256x256 like the database's. `shortcut="marker"` plants
 a shortcut outside the lungs, as real sources do with their markers: a bright square in a
@@ -133,17 +136,22 @@ SHORTCUT_CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))  # (bottom?, right?) per cla
 
 
 def phantom(
-    label: str, index: int, size: int = 299, seed: int = 0, shortcut: str = "none"
+    label: str,
+    index: int,
+    size: int = 299,
+    seed: int = 0,
+    shortcut: str = "none",
+    findings: float = 1.0,
 ) -> np.ndarray:
     """One deterministic phantom radiograph of class `label`, as uint8 (size, size)."""
-    return _phantom(label, index, size, seed, shortcut)[0]
+    return _phantom(label, index, size, seed, shortcut, findings)[0]
 
 
-def _phantom(label: str, index: int, size: int, seed: int, shortcut: str):
+def _phantom(label: str, index: int, size: int, seed: int, shortcut: str, findings: float = 1.0):
     """(image uint8, lung mask bool) of one phantom."""
     rng = _rng(seed, label, index)
     img, lungs, x, y = _anatomy(rng, size)
-    img += _lesions(label, rng, x, y, lungs, size)
+    img += findings * _lesions(label, rng, x, y, lungs, size)
     # Heel effect and scatter: smooth exposure changes across the film, different on every
     # film, as in real radiographs (and what keeps perceptual hashes of different films apart).
     direction = rng.uniform(0, 2 * np.pi)
@@ -164,9 +172,9 @@ def _phantom(label: str, index: int, size: int, seed: int, shortcut: str):
     return img, lungs > 0
 
 
-def _write_one(job: tuple[Path, str, int, int, int, str]) -> None:
-    path, label, index, size, seed, shortcut = job
-    img, mask = _phantom(label, index, size, seed, shortcut)
+def _write_one(job: tuple[Path, str, int, int, int, str, float]) -> None:
+    path, label, index, size, seed, shortcut, findings = job
+    img, mask = _phantom(label, index, size, seed, shortcut, findings)
     Image.fromarray(img).save(path)
     mask_path = path.parent.parent / "masks" / path.name
     lungs = Image.fromarray(mask.astype(np.uint8) * 255).resize((MASK_SIZE, MASK_SIZE))
@@ -180,6 +188,7 @@ def write_dataset(
     seed: int = 0,
     labels=LABELS,
     shortcut: str = "none",
+    findings: float = 1.0,
 ) -> dict[str, int]:
     """Write phantoms and their lung masks in the Kaggle layout under `root`, on all cores;
     return image files per folder."""
@@ -190,7 +199,7 @@ def write_dataset(
         images.mkdir(parents=True, exist_ok=True)
         (images.parent / "masks").mkdir(exist_ok=True)
         jobs += [
-            (images / f"{folder}-{i + 1}.png", label, i, size, seed, shortcut)
+            (images / f"{folder}-{i + 1}.png", label, i, size, seed, shortcut, findings)
             for i in range(per_class)
         ]
     with ProcessPoolExecutor(os.cpu_count(), initializer=worker_dies_with_parent) as pool:

@@ -1,0 +1,90 @@
+"""What a training budget buys: fit seconds and validation accuracy per epoch, per model.
+
+    python benchmarks/demo_budget.py [--models vgg16 vgg19 ...] [-S key=value ...]
+        [--workdir DIR]
+
+Trains each model as the train stage does (cxr.fit.fit, no MLflow) with params.yaml's
+`demo:` overrides and then the -S ones (e.g. -S models.vgg19.epochs=4 -S
+data.synthetic.findings=1.0), on the demo's phantoms (written and prepared once per
+setting into --workdir). Prints the machine, then one JSON line per model: fit seconds
+(graph tracing included), epochs run, validation accuracy after each epoch. How the demo's
+budget was chosen: docs/benchmarks.md, "The demo, budgeted by work".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from cxr import machine
+from cxr.params import check_params, load_params, with_overrides
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", nargs="+", help="default: the demo's train.models")
+    parser.add_argument("-S", "--set", action="append", default=[], help="extra key=value")
+    parser.add_argument(
+        "--workdir", type=Path, default=Path(tempfile.gettempdir()) / "cxr-demo-budget"
+    )
+    args = parser.parse_args()
+    extra = {k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in args.set)}
+    params = load_params()
+    params = check_params(with_overrides(params, params["demo"] | extra))
+    print("#", machine.header(), flush=True)
+
+    from cxr.cache import split_arrays
+    from cxr.fit import accelerator_settings, fit, settings_for
+    from cxr.prepare import prepare
+    from cxr.synthetic import write_dataset
+
+    data, size = params["data"], params["prepare"]["image_size"]
+    synthetic = data["synthetic"]
+    key = "-".join(str(synthetic[k]) for k in ("per_class", "image_size", "seed", "findings"))
+    raw, prepared = args.workdir / f"raw-{key}", args.workdir / f"prepared-{key}-{size}"
+    if not (raw / ".complete").exists():
+        write_dataset(
+            raw,
+            synthetic["per_class"],
+            synthetic["image_size"],
+            synthetic["seed"],
+            findings=synthetic["findings"],
+        )
+        (raw / ".complete").touch()
+    if not (prepared / "dataset.json").exists():
+        prepare(raw, [], data["classes"], params["prepare"], prepared)
+    train, val = split_arrays(prepared, "train")[:2], split_arrays(prepared, "val")[:2]
+    for name in args.models or params["train"]["models"]:
+        cfg, builder_cfg = settings_for(name, params)
+        result = fit(
+            name,
+            cfg,
+            builder_cfg,
+            train,
+            val,
+            len(data["classes"]),
+            accelerator_settings(cfg),
+            progress=False,
+        )
+        accuracy = result.history["val_accuracy"]
+        print(
+            json.dumps(
+                {
+                    "model": name,
+                    "fit_s": round(result.fit_seconds, 1),
+                    "epochs": len(accuracy),
+                    "val_accuracy": [round(a, 3) for a in accuracy],
+                }
+            ),
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
