@@ -28,6 +28,15 @@ def test_known_noise_goes_and_everything_else_stays():
     assert run_filter([CUINIT], nvidia=True) == CUINIT
 
 
+def test_dvc_temp_copy_warnings_go_but_a_workspace_one_stays():
+    """`dvc exp run --temp` checks out outputs its fresh copy has none of yet: noise. The same
+    warning about the user's own workspace says something is missing: it stays."""
+    temp = b"WARNING: No file hash info found for '/r/.dvc/tmp/exps/standalone/tmpq/raw'. "
+    workspace = b"WARNING: No file hash info found for '/r/models/cnn'. "
+    end = b"It won't be created.\n"
+    assert run_filter([temp[:20], temp[20:] + end, workspace + end]) == workspace + end
+
+
 def test_lines_split_across_writes_and_progress_bars_pass_at_once():
     assert run_filter([ONEDNN[:30], ONEDNN[30:], b"done\n"]) == b"done\n"
     seen = []

@@ -53,6 +53,15 @@ def test_demo_leaves_params_and_git_unchanged(demo):
     assert status.strip() == "", status
 
 
+def test_demo_drops_dvcs_warnings_about_its_temporary_copy(demo):
+    """DVC warns once per output that the fresh copy of `--temp` has none yet: cxr's filter
+    (cxr.console) drops exactly those; DVC's other warnings stay."""
+    out = demo["first"].stdout + demo["first"].stderr
+    assert "Running stage 'train@cnn'" in out
+    assert "No file hash info found" not in out
+    assert "WARNING: 'data' is empty." in out
+
+
 def test_demo_writes_runs_to_the_store_at_the_repo_root(demo):
     import mlflow
 

@@ -2,8 +2,9 @@
 
 TensorFlow's C++ runtime prints notices on every start that say nothing about this run
 (oneDNN is on, the CPU has AVX, absl's pre-init banner, and on a machine without an NVIDIA
-driver "Could not find cuda drivers" and a cuInit error), and MLflow warns about how it
-reads a dataset source on every training run. `quiet()` drops exactly those lines, matched
+driver "Could not find cuda drivers" and a cuInit error), MLflow warns about how it
+reads a dataset source on every training run, and `dvc exp run --temp` warns once per output
+that its fresh copy has none yet. `quiet()` drops exactly those lines, matched
 by their text: from file descriptor 2 (where C++ writes directly, below Python) through a
 pipe that passes every other byte on unchanged, and from Python's warnings. Errors,
 tracebacks, progress bars and every other message still reach the terminal.
@@ -30,6 +31,10 @@ NOISE = [
     rb"^To enable the following instructions: .* in other operations, rebuild TensorFlow",
     # TensorFlow's graph from a newer tf.data than its runtime: harmless, says the message.
     _CPP + rb"NodeDef mentions attribute use_unbounded_threadpool which is not in the op",
+    # `dvc exp run --temp` first checks out every output of dvc.yaml into its temporary copy
+    # (under .dvc/tmp/exps/), which lacks them until its stages run: one warning each.
+    rb"^WARNING: No file hash info found for '[^'\n]*[/\\]\.dvc[/\\]tmp[/\\]exps[/\\]"
+    rb"[^'\n]*'\. It won't be created\.",
 ]
 # Only where there is no NVIDIA driver: there, looking for CUDA is expected to fail.
 NO_GPU_NOISE = [
@@ -41,7 +46,7 @@ WARNINGS = [
     r"The specified dataset source can be interpreted in multiple ways",
 ]
 # A line that starts like this may be noise: hold it until its end arrives.
-_MAYBE = re.compile(rb"^(?:[IWEF]\d|WARNING: All|To enable)")
+_MAYBE = re.compile(rb"^(?:[IWEF]\d|WARNING: All|WARNING: No|To enable)")
 
 
 def noise_patterns(has_nvidia_driver: bool) -> re.Pattern[bytes]:
