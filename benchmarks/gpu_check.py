@@ -121,7 +121,7 @@ def main() -> None:
     n_val = len(x) // 8
     data = (x[n_val:], y[n_val:]), (x[:n_val], y[:n_val])
     runs = [(name, "auto") for name in args.models]
-    runs += [(name, "off") for name in args.float32 if name in args.models]
+    runs += [(name, False) for name in args.float32 if name in args.models]
     for name, precision in runs:
         if time.time() - started > args.budget:
             report["models"].append({"model": name, "skipped": "time budget"})
@@ -186,10 +186,11 @@ def measure(name, precision, params, data, args, hlo, stage=True) -> dict:
     hlo.mark()
     bare.fit(xs, ys, batch_size=args.batch, epochs=2, shuffle=False, verbose=0,
              callbacks=[clock])  # fmt: skip
-    keep = args.out.with_name(f"hlo_{name}_{precision}.txt.gz") if name in args.float32 else None
+    label = "off" if precision is False else precision
+    keep = args.out.with_name(f"hlo_{name}_{label}.txt.gz") if name in args.float32 else None
     row = {
         "model": name,
-        "precision": precision,
+        "precision": label,
         "policy": accel["policy"],
         "deterministic": accel["deterministic"],
         "steps_per_execution": spe,

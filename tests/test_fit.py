@@ -94,7 +94,7 @@ def test_cpu_defaults_to_deterministic_float32():
     assert accel["replicas"] == 1 and accel["distribution"] is None
     assert accel["steps_per_execution"] == 1 and accel["backend"] == BACKEND
     assert accel["threads"] >= 1
-    forced = {"mixed_precision": "on", "jit_compile": True, "steps_per_execution": 4}
+    forced = {"mixed_precision": True, "jit_compile": True, "steps_per_execution": 4}
     fast = accelerator_settings({**AUTO, **forced, "deterministic": False})
     assert fast["policy"] == "mixed_bfloat16" and fast["jit_compile"] is True
     assert fast["steps_per_execution"] == 4
@@ -134,7 +134,7 @@ def test_mixed_precision_and_xla_train_as_the_stage_does_on_cpu(name):
         import numpy as np
         from cxr.fit import accelerator_settings, fit
         from tests.test_fit import AUTO, CFG, NO_AUGMENT, tiny_split
-        accel = accelerator_settings({{**AUTO, "mixed_precision": "on", "jit_compile": True,
+        accel = accelerator_settings({{**AUTO, "mixed_precision": True, "jit_compile": True,
                                       "deterministic": False, "steps_per_execution": 2}})
         augment = {{"rotation": 0.02, "shift": 0.05, "zoom": 0.1, "brightness": 0.1}}
         cfg = {{**CFG, "epochs": 1, "batch_size": 4, "augment": {{**NO_AUGMENT, **augment}}}}

@@ -51,7 +51,7 @@ def accelerator_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     threads = backend.set_threads(threads)
     gpus = backend.gpu_capabilities()
     policy = "float32"
-    if cfg["mixed_precision"] == "on" or (cfg["mixed_precision"] == "auto" and gpus):
+    if cfg["mixed_precision"] is True or (cfg["mixed_precision"] == "auto" and gpus):
         policy = "mixed_bfloat16" if not gpus or min(gpus) >= 8 else "mixed_float16"
     deterministic = cfg["deterministic"]
     deterministic = not gpus if deterministic == "auto" else bool(deterministic)

@@ -149,7 +149,7 @@ SCHEMA: dict[str, Any] = {
             "contrast": float,
             "flip": bool,
         },
-        "mixed_precision": str,
+        "mixed_precision": (str, bool),
         "jit_compile": (str, bool),
         "deterministic": (str, bool),
         "steps_per_execution": (str, int),
@@ -318,17 +318,19 @@ def check_params(params: dict[str, Any]) -> dict[str, Any]:
     for key, allowed in (
         ("schedule", SCHEDULES),
         ("imbalance", ("class_weight", "oversample", "none")),
-        ("mixed_precision", ("auto", "on", "off")),
         ("lung_focus", LUNG_FOCUS),
     ):
         if train[key] not in allowed:
             raise ParamsError(
                 f"params.yaml: train.{key} is {train[key]!r}; expected one of {list(allowed)}."
             )
-    for key in ("jit_compile", "deterministic"):
-        if train[key] not in ("auto", True, False):
+    for key in ("mixed_precision", "jit_compile", "deterministic"):  # one vocabulary
+        value = train[key]
+        if value not in ("auto", True, False):
+            old = {"on": "true", "off": "false"}.get(str(value).lower())
             raise ParamsError(
-                f"params.yaml: train.{key} is {train[key]!r}; expected auto, true or false."
+                f"params.yaml: train.{key} is {value!r}; expected auto, true or false"
+                + (f" (write {old} for {value!r})." if old else ".")
             )
     if train["checkpoint_seconds"] < 0:
         raise ParamsError("params.yaml: train.checkpoint_seconds must be 0 (every epoch) or more.")
