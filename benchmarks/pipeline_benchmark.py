@@ -31,7 +31,7 @@ from pathlib import Path
 
 from cxr import machine
 from cxr.classes import DATABASE_COUNTS
-from cxr.cli import exp_run_command
+from cxr.cli import environment_first_on_path, exp_run_command
 from cxr.params import load_params
 from cxr.synthetic import write_dataset
 from cxr.timing import parse
@@ -125,6 +125,7 @@ def run_experiment(
 ) -> tuple[str, list[str], int, list[tuple[float, str]]]:
     """`dvc exp run --temp --force` of `overrides` against a throw-away sqlite MLflow store
     in `workdir`; return (experiment name, command, exit code, timed output lines)."""
+    environment_first_on_path()  # dvc and the stages' python: this venv's, activated or not
     workdir.mkdir(parents=True, exist_ok=True)
     name = f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
     command = [*exp_run_command(overrides), "--force", "--name", name]

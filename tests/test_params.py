@@ -263,3 +263,21 @@ def test_a_demo_is_named_and_passes_dvc_arguments_on(tmp_path, monkeypatch, caps
     assert sum(arg.startswith(("-n", "--name")) for arg in command) == 1  # theirs, or ours
     if name is None:
         assert re.fullmatch(r"demo-\d{8}-\d{6}", command[command.index("-n") + 1])
+
+
+def test_the_cli_finds_this_environments_dvc_without_activation(monkeypatch):
+    """`.venv/bin/cxr demo` (or a benchmark run with .venv/bin/python) in a shell where the
+    venv is not activated: DVC and the `python` its stages run are still this venv's."""
+    import os
+    import sys
+    from pathlib import Path
+
+    from cxr.cli import environment_first_on_path
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    environment_first_on_path()
+    environment_first_on_path()  # once only
+    venv = Path(sys.executable).parent
+    assert os.environ["PATH"] == f"{venv}:/usr/bin:/bin"
+    assert shutil.which("dvc") == str(venv / "dvc")
+    assert Path(shutil.which("python")).parent == venv

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import subprocess
 import sys
@@ -14,6 +15,16 @@ from pathlib import Path
 from cxr.errors import CxrError
 from cxr.params import PROFILES, check_params, flatten, load_params, with_overrides
 from cxr.server import MAX_BODY_BYTES
+
+
+def environment_first_on_path() -> None:
+    """This interpreter's bin folder (the venv's `dvc`, `mlflow`, `python`) first on PATH, so
+    that DVC, and the `python` its stages run, are this environment's also when it is not
+    activated (`.venv/bin/cxr demo`, `.venv/bin/python benchmarks/...`)."""
+    bin_dir = str(Path(sys.executable).parent)
+    parts = os.environ.get("PATH", "").split(os.pathsep)
+    if parts[0] != bin_dir:
+        os.environ["PATH"] = os.pathsep.join([bin_dir, *parts])
 
 
 def exp_run_command(overrides: dict, params_path: Path = Path("params.yaml")) -> list[str]:
@@ -375,6 +386,7 @@ def script() -> None:
     from cxr.console import quiet
 
     quiet()
+    environment_first_on_path()
     sys.exit(main())
 
 
