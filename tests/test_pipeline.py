@@ -226,7 +226,9 @@ def test_training_logs_its_dataset_speed_and_tensorboard(repro):
 
 def test_kaggle_without_credentials_fails_with_a_clear_message(tmp_path):
     repo = copy_repo(tmp_path / "repo")
-    env = {
+    env = {  # no credentials anywhere the client looks, the home folder included
+        "HOME": str(tmp_path / "home"),
+        "XDG_CONFIG_HOME": str(tmp_path / "home" / ".config"),
         "KAGGLE_CONFIG_DIR": str(tmp_path / "no-kaggle"),
         "KAGGLE_API_TOKEN": "",
         "KAGGLE_USERNAME": "",

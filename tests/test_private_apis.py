@@ -1,5 +1,6 @@
-"""The two private APIs the code relies on, each pinned by a test that fails when the
-upstream behaviour it works around changes: then the workaround should go."""
+"""The private APIs the code relies on (MLflow's `_save_example`, Keras' `_inbound_nodes`,
+JAX's `xla_bridge`, Optuna's `_storage` and `_trial_id`), each pinned by a test that fails
+when the upstream behaviour it works around or uses changes."""
 
 import keras
 import numpy as np
@@ -62,3 +63,18 @@ def test_jax_still_says_whether_its_backends_have_started():
 
     jax.devices()
     assert xla_bridge.backends_are_initialized() is True
+
+
+def test_optuna_still_lets_a_dead_workers_trial_be_failed_through_its_storage(tmp_path):
+    """cxr.tune.fail_dead_trials fails a killed worker's RUNNING trial through the study's
+    private `_storage` and the trial's `_trial_id` (Optuna has no public call for another
+    process's trial), on the journal storage cxr.tune opens."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from cxr.tune import open_storage
+
+    study = optuna.create_study(storage=open_storage(None, tmp_path / "journal.log"))
+    trial = study.ask()  # RUNNING, as a worker leaves it when killed
+    study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL]

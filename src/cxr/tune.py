@@ -143,6 +143,7 @@ def fail_dead_trials(study) -> list[int]:
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
         if host == socket.gethostname() and pid.isdigit() and not alive(int(pid)):
+            # private: pinned by tests/test_private_apis.py
             study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
             failed.append(trial.number)
             if run_id := trial.user_attrs.get("mlflow_run_id"):
