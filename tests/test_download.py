@@ -115,6 +115,33 @@ def test_kaggle_download_unpacks_records_and_caches(tmp_path, creds, sample_zip)
 
 
 @needs_sample
+def test_the_topup_set_is_fetched_by_its_current_version_and_recorded(tmp_path, creds, sample_zip):
+    """Like the database: the top-up's version is looked up, recorded, and keys its cached
+    zip, so a new version is downloaded instead of a `latest` zip reused forever."""
+    from cxr.download import TOPUP_DIR
+    from cxr.synthetic import write_topup
+
+    write_topup(tmp_path / "topup" / TOPUP_DIR, per_class=8, size=64)
+    topup_zip = zip_tree(tmp_path / "topup", tmp_path / "topup.zip")
+
+    class TwoDatasets(FakeKaggleApi):
+        def dataset_download_files(self, dataset, path=None, **kwargs):
+            self.zip_path = topup_zip if "pneumonia" in dataset else sample_zip
+            super().dataset_download_files(dataset, path=path, **kwargs)
+
+    api = TwoDatasets(None)
+    info = run_kaggle(tmp_path, api, kaggle_version=5, topup="viral")
+    topup = "paultimothymooney/chest-xray-pneumonia"
+    assert api.calls[-1] == f"{topup}/7" and info["topup"]["kaggle_version"] == 7
+    assert (tmp_path / "cache" / f"{topup.replace('/', '__')}__v7.zip").is_file()
+    run_kaggle(tmp_path, api, kaggle_version=5, topup="viral")
+    assert len(api.calls) == 2  # both zips cached
+    api.version = 8  # a new version of both on Kaggle: the top-up's is downloaded
+    run_kaggle(tmp_path, api, kaggle_version=5, topup="viral")
+    assert api.calls[2:] == [f"{topup}/8"]
+
+
+@needs_sample
 def test_older_flat_layout_without_wrapper_folder(tmp_path, creds):
     flat = zip_tree(REAL_SAMPLE / DATASET_DIR, tmp_path / "flat.zip", prefix="v1/", flat=True)
     info = run_kaggle(tmp_path, FakeKaggleApi(flat))

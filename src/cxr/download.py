@@ -518,11 +518,13 @@ def download(
             )
         if data["topup"] and source != "synthetic":
             what = "top-up archive"
-            if source == "kaggle":
+            if source == "kaggle":  # its current version: recorded, and the cache's key
                 dataset = data["topup_dataset"]
+                version = latest_version(dataset, api_factory)
                 unpacked = kaggle_unpack(
-                    dataset, None, cache_dir, api_factory, tmp, TOPUP_DIR, what
+                    dataset, version, cache_dir, api_factory, tmp, TOPUP_DIR, what
                 )
+                unpacked["kaggle_version"] = version
             elif data["topup_archive"]:
                 unpacked = unpack_into(Path(data["topup_archive"]), tmp, TOPUP_DIR, what)
             else:
