@@ -52,6 +52,19 @@ def test_tri_states_say_auto_true_or_false_and_name_the_new_spelling(tmp_path, k
         load_params(path)
 
 
+def test_a_topup_that_prepare_would_ignore_is_refused(tmp_path):
+    def mutate(params):
+        params["data"]["topup"] = "viral"
+        params["prepare"]["balance"] = "undersample"
+
+    with pytest.raises(ParamsError, match="data.topup is 'viral' but prepare.balance is"):
+        load_params(_write(tmp_path, mutate))
+    path = _write(
+        tmp_path, lambda p: p["data"].update(topup="viral") or p["prepare"].update(balance="top-up")
+    )
+    assert load_params(path)["data"]["topup"] == "viral"
+
+
 def test_unknown_key_is_named(tmp_path):
     path = _write(tmp_path, lambda p: p["train"].update(epocs=3))
     with pytest.raises(ParamsError, match=r"train.*unknown key\(s\) \['epocs'\]"):

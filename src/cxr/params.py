@@ -314,6 +314,12 @@ def check_params(params: dict[str, Any]) -> dict[str, Any]:
         raise ParamsError(
             f"params.yaml: prepare.balance is {prep['balance']!r}; expected one of {list(BALANCE)}."
         )
+    if data["topup"] and prep["balance"] != "top-up":  # fetched, then silently unused
+        raise ParamsError(
+            f"params.yaml: data.topup is {data['topup']!r} but prepare.balance is "
+            f"{prep['balance']!r}, which does not use the top-up set: set prepare.balance to "
+            "top-up, or data.topup to null."
+        )
     train = params["train"]
     for key, allowed in (
         ("schedule", SCHEDULES),
