@@ -58,9 +58,19 @@ def test_builder_trains_on_raw_grey_and_reloads_in_safe_mode(name, tmp_path):
 
 
 def test_input_is_resized_inside_the_model():
-    model = build_model("cnn", (64, 64, 1), 4, filters=[8], input_size=32)
-    assert any(isinstance(layer, keras.layers.Resizing) for layer in model.layers)
+    """A 64 px model with input_size 32 predicts what the same weights give on the image
+    resized to 32 px first (bilinear), and so sees 32 px only."""
+    model = build_model("cnn", (64, 64, 1), 4, filters=[8], pooling="flatten", input_size=32)
+    small = build_model("cnn", (32, 32, 1), 4, filters=[8], pooling="flatten")
     assert model.input_shape == (None, 64, 64, 1)
+    small.set_weights(model.get_weights())  # same shapes: flatten sees 32 px maps in both
+    x, _ = grey_batch(size=64)
+    resized = keras.ops.convert_to_numpy(
+        keras.ops.image.resize(x.astype("float32"), (32, 32), interpolation="bilinear")
+    )
+    np.testing.assert_allclose(
+        model.predict(x, verbose=0), small.predict(resized, verbose=0), atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("input_size", [None, 32])
