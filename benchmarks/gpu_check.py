@@ -1,9 +1,9 @@
-"""GPU check of the train stage, sized for one short lent-GPU session (under 8 minutes).
+"""GPU check of the train stage, sized for one short session on a GPU (under 8 minutes).
 
-Needs only what the lent GPU machines have (Python 3.12, JAX with CUDA, numpy, scipy,
-pillow) plus the wheels `make gpu-wheels` downloads to carry there (Keras, PyYAML and what
-they import; docs/benchmarks.md, "GPU check", has the recipe); it imports the project from
-src/ without installing it (no TensorFlow, MLflow or DVC):
+Needs only what a GPU machine without TensorFlow may have (Python 3.12, JAX with CUDA,
+numpy, scipy, pillow) plus the wheels `make gpu-wheels` downloads to carry there (Keras,
+PyYAML and what they import; docs/benchmarks.md, "GPU check", has the recipe); it imports
+the project from src/ without installing it (no TensorFlow, MLflow or DVC):
 
     KERAS_BACKEND=jax python benchmarks/gpu_check.py OUT.json [--size 224] [--batch 256]
         [--steps 96] [--models resnet50v2 cnn4_bn ...] [--float32 resnet50v2 ...]
@@ -21,7 +21,7 @@ training time of the six models on the full database estimated from the measured
 (the Kaggle set undersampled to 12,193 images, params.yaml's split, 30 epochs; compiles
 apart). The JSON is rewritten after every step; models past `--budget` seconds are skipped.
 
-Why mixed precision did not speed ResNet50V2 up (issue 17): the `--float32` models'
+Why mixed precision did not speed ResNet50V2 up: the `--float32` models'
 bare-model ceiling is measured again in float32, and every row carries a summary of XLA's
 optimised training step of the bare model (`hlo`: convolutions by element type, layout and
 cuDNN math type -- tensor cores or not --, transposes and layout copies, fusions by kind),

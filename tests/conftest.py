@@ -188,7 +188,7 @@ def mlflow_server(tmp_path_factory):
         "--port",
         str(port),
         "--backend-store-uri",
-        # CI's .ci/with-postgres points this at PostgreSQL (the team set-up in the README)
+        # CI's .ci/with-postgres points this at PostgreSQL (the team set-up in docs/team.md)
         worker_database(os.environ.get("CXR_TEST_BACKEND_STORE_URI"))
         or f"sqlite:///{where / 'mlflow.db'}",
         "--artifacts-destination",

@@ -415,7 +415,7 @@ def prepare(
     if cfg["balance"] == "top-up" and not topup:
         raise DataError(
             "prepare.balance is 'top-up' but data.topup is null: set data.topup "
-            "to 'viral' or 'all' (see README, Balancing)."
+            "to 'viral' or 'all' (see docs/pipeline.md, Balancing)."
         )
     skipped: list[dict[str, Any]] = []
     items = index_images(
