@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from cxr.classes import DATASET_DIR, FOLDER_TO_LABEL
+from cxr.figures import pyplot
 from cxr.images import load_grey
-from cxr.io import pyplot
 from cxr.lungs import FOCUS_MARGIN, mask_file, read_mask, template_mask
 
 

@@ -9,7 +9,7 @@ quiet()  # first: drops TensorFlow's known start-up notices (CXR_VERBOSE=1: all)
 
 from cxr.data_report import log_data_report, write_data_report  # noqa: E402
 from cxr.errors import run_stage  # noqa: E402
-from cxr.io import write_json  # noqa: E402
+from cxr.files import write_json  # noqa: E402
 from cxr.layout import say_not_read  # noqa: E402
 from cxr.params import stage_params  # noqa: E402
 from cxr.prepare import prepare  # noqa: E402

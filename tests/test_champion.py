@@ -76,7 +76,7 @@ def _register_inputs(root: Path, run_id: str, value: float, fingerprint: str = "
     import keras
     import numpy as np
 
-    from cxr.io import write_json
+    from cxr.files import write_json
     from tests.test_reports import CLASSES, evaluation_json, predictions
 
     (root / "models" / "cnn").mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from cxr.checkpoint import Checkpoint
-from cxr.io import read_json
+from cxr.files import read_json
 from cxr.models import build_model
 
 

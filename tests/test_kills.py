@@ -11,7 +11,7 @@ import time
 import psutil
 import pytest
 
-from cxr.io import atomic_path
+from cxr.files import atomic_path
 
 # A stage whose pool workers block, writing into an atomic folder, as prepare does.
 STAGE = textwrap.dedent("""
@@ -19,7 +19,8 @@ STAGE = textwrap.dedent("""
     from concurrent.futures import ProcessPoolExecutor
     from pathlib import Path
     from cxr.errors import run_stage
-    from cxr.io import atomic_path, worker_dies_with_parent
+    from cxr.files import atomic_path
+    from cxr.processes import worker_dies_with_parent
 
     def block(_):
         time.sleep(600)

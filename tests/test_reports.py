@@ -8,7 +8,7 @@ from cxr import compare as compare_module
 from cxr import evaluate
 from cxr.errors import CxrError
 from cxr.evaluate import read_predictions, write_predictions
-from cxr.io import read_json, write_json
+from cxr.files import read_json, write_json
 from cxr.metrics import HEADLINE, INTERVALS
 from cxr.register import champion_uri, model_card
 

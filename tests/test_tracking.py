@@ -171,7 +171,7 @@ def test_redaction_hides_the_secrets_and_keeps_every_other_byte(uri, shown):
 def test_the_run_record_keeps_the_store_path(local_store, tmp_path):
     with tracking.start_run("cxr-test", "cnn", {}) as run:
         tracking.write_run_record(tmp_path / "mlflow_run.json", run)
-    from cxr.io import read_json
+    from cxr.files import read_json
 
     recorded = read_json(tmp_path / "mlflow_run.json")["tracking_uri"]
     assert recorded == f"sqlite:///{local_store}/mlflow.db"  # four slashes: an absolute path

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from cxr.errors import CxrError
-from cxr.io import read_json, write_json
+from cxr.files import read_json, write_json
 
 SPLITS = ("train", "val", "test")
 

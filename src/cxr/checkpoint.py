@@ -20,8 +20,8 @@ from typing import Any
 import keras
 import numpy as np
 
+from cxr.files import atomic_path, read_json, write_json
 from cxr.fit import EarlyStopping, EpochHistory, Resume
-from cxr.io import atomic_path, read_json, write_json
 
 
 class Checkpoint:

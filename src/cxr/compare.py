@@ -18,7 +18,8 @@ import numpy as np
 from cxr import tracking
 from cxr.errors import CxrError
 from cxr.evaluate import read_predictions
-from cxr.io import atomic_path, pyplot, read_json, save_figure, write_json
+from cxr.figures import pyplot, save_figure
+from cxr.files import atomic_path, read_json, write_json
 from cxr.metrics import HEADLINE, INTERVALS, INTERVALS_NOTE, lung_verdict, mcnemar
 
 TIMINGS = ("train_seconds", "epoch_seconds", "train_images_per_second")

@@ -113,3 +113,10 @@ def quiet() -> None:
         pump.join(timeout=2)
 
     atexit.register(restore)
+
+
+def progress(iterable=None, **kwargs):
+    """A tqdm progress bar; updated every 10 s when output goes to a log, not a terminal."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, mininterval=0.2 if stderr_is_terminal() else 10, **kwargs)

@@ -10,7 +10,8 @@ import numpy as np
 
 from cxr import tracking
 from cxr.cache import SPLITS, load_prepared
-from cxr.io import atomic_path, pyplot, save_figure, write_json
+from cxr.figures import pyplot, save_figure
+from cxr.files import atomic_path, write_json
 
 LISTED = 20  # rows shown per list in the markdown; report.json has them all
 

@@ -32,9 +32,10 @@ from typing import Any
 
 from cxr import layout, synthetic
 from cxr.classes import DATASET_DIR, FOLDER_TO_LABEL
+from cxr.console import progress
 from cxr.errors import CxrError
+from cxr.files import atomic_path, write_json
 from cxr.images import IMAGE_SUFFIXES
-from cxr.io import atomic_path, progress, write_json
 
 TOPUP_DIR = "chest_xray"
 

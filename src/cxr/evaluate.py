@@ -24,7 +24,8 @@ import numpy as np
 from cxr import tracking
 from cxr.cache import split_arrays, split_masks
 from cxr.errors import CxrError
-from cxr.io import atomic_path, pyplot, read_json, save_figure, write_json
+from cxr.figures import pyplot, save_figure
+from cxr.files import atomic_path, read_json, write_json
 from cxr.lungs import audit_inputs, heat_inside
 from cxr.metrics import (
     HEADLINE,

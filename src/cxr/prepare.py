@@ -36,8 +36,10 @@ import numpy as np
 from cxr import layout
 from cxr.cache import SPLITS, write_index
 from cxr.classes import DATASET_DIR, LABEL_TO_FOLDER, TOPUP_LABEL
+from cxr.console import progress
 from cxr.dedupe import dedupe
 from cxr.errors import CxrError
+from cxr.files import atomic_path
 from cxr.images import (
     IMAGE_SUFFIXES,
     ImageRejected,
@@ -46,8 +48,8 @@ from cxr.images import (
     perceptual_hash,
     resize,
 )
-from cxr.io import atomic_path, progress, worker_dies_with_parent
 from cxr.lungs import mask_file, read_mask, template_mask
+from cxr.processes import worker_dies_with_parent
 
 THUMB = 32  # thumbnail side for near-duplicate checks
 

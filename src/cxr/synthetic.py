@@ -34,7 +34,8 @@ from PIL import Image
 from scipy import ndimage
 
 from cxr.classes import DATASET_DIR, LABEL_TO_FOLDER, LABELS
-from cxr.io import progress, worker_dies_with_parent
+from cxr.console import progress
+from cxr.processes import worker_dies_with_parent
 
 TARGET_MEAN, TARGET_STD = 0.45, 0.2
 

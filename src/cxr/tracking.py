@@ -29,7 +29,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from cxr.errors import CxrError
-from cxr.io import read_json, write_json
+from cxr.files import read_json, write_json
 from cxr.repo import git_commit, repo_root
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"

@@ -137,7 +137,7 @@ def fail_dead_trials(study) -> list[int]:
     import mlflow
     from optuna.trial import TrialState
 
-    from cxr.io import alive
+    from cxr.processes import alive
 
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -332,7 +332,7 @@ def tune(
     import optuna
 
     from cxr import tracking
-    from cxr.io import read_json
+    from cxr.files import read_json
 
     space = check_space(params, model)
     cfg = params["tune"]
@@ -415,7 +415,7 @@ def _finished(study) -> int:
 
 def _spawn_workers(jobs: list[dict[str, Any]]) -> None:
     """A process per job (`python -m cxr.tune JOB`); they die with this process."""
-    from cxr.io import worker_dies_with_parent
+    from cxr.processes import worker_dies_with_parent
 
     procs = [
         subprocess.Popen(
@@ -501,7 +501,7 @@ def _log_study(study, summary) -> None:
     """The parent run: best value and params, trial counts, Optuna's figures."""
     import mlflow
 
-    from cxr.io import pyplot
+    from cxr.figures import pyplot
 
     if summary["best_trial"] is not None:
         mlflow.log_metrics(
@@ -532,7 +532,7 @@ def _log_study(study, summary) -> None:
 
 def write_tuned(path: Path, summary: dict[str, Any]) -> None:
     """tuned/<model>.yaml: the best configuration as params keys, with where it came from."""
-    from cxr.io import atomic_path
+    from cxr.files import atomic_path
 
     path.parent.mkdir(parents=True, exist_ok=True)
     model = summary["model"]

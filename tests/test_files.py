@@ -1,6 +1,6 @@
 import pytest
 
-from cxr.io import atomic_path, read_json, write_json
+from cxr.files import atomic_path, read_json, write_json
 
 
 def test_atomic_file_replaces_only_on_success(tmp_path):

@@ -12,6 +12,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from cxr.processes import alive
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -35,16 +37,6 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
 def remove_stale_scratch(path: Path) -> None:
     """Remove the temporaries of `path` left by a process that no longer runs (SIGKILL, a
     crash, a pre-empted machine); a running writer's stay."""
@@ -54,37 +46,6 @@ def remove_stale_scratch(path: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def worker_dies_with_parent() -> None:
-    """For a process-pool initializer: the worker gets SIGKILL when its parent dies, however
-    it dies (Linux; elsewhere nothing), instead of waiting on a pipe for good."""
-    import ctypes
-    import signal
-    import sys
-
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() == 1:  # the parent died before prctl: go now
-            os._exit(1)
-
-
-def pyplot():
-    """matplotlib.pyplot on the file-only Agg backend (stages run without a display)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, path: str | Path, dpi: int = 100) -> None:
-    """Write a matplotlib figure as a PNG, atomically, and free it."""
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, format="png")
-    pyplot().close(fig)
-
-
 def write_json(path: str | Path, data) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
@@ -92,12 +53,3 @@ def write_json(path: str | Path, data) -> None:
 
 def read_json(path: str | Path):
     return json.loads(Path(path).read_text())
-
-
-def progress(iterable=None, **kwargs):
-    """A tqdm progress bar; updated every 10 s when output goes to a log, not a terminal."""
-    from tqdm import tqdm
-
-    from cxr.console import stderr_is_terminal
-
-    return tqdm(iterable, mininterval=0.2 if stderr_is_terminal() else 10, **kwargs)
