@@ -39,9 +39,9 @@ def main() -> None:
     params = check_params(with_overrides(params, params["demo"] | extra))
     print("#", machine.header(), flush=True)
 
-    from cxr.cache import split_arrays
     from cxr.fit import accelerator_settings, fit, settings_for
     from cxr.prepare import prepare
+    from cxr.prepared import split_arrays
     from cxr.synthetic import write_dataset
 
     data, size = params["data"], params["prepare"]["image_size"]

@@ -28,11 +28,11 @@ import yaml
 
 from cxr import machine
 from cxr.baselines import fit_predict
-from cxr.cache import split_arrays, split_masks
 from cxr.classes import DATASET_DIR, FOLDER_TO_LABEL
 from cxr.lungs import audit_inputs, focus_array
 from cxr.metrics import intervals, mcnemar
 from cxr.params import load_params, with_overrides
+from cxr.prepared import split_arrays, split_masks
 
 
 def accuracy(y: np.ndarray, pred: np.ndarray, k: int) -> list[float]:

@@ -41,13 +41,13 @@ from pipeline_benchmark import add_experiment_arguments, run_experiment, stage_t
 
 from cxr import machine  # noqa: E402
 from cxr.baselines import BASELINES, fit_predict  # noqa: E402
-from cxr.cache import load_prepared, split_arrays, split_masks  # noqa: E402
 from cxr.cli import check_data_folder  # noqa: E402
 from cxr.download import download  # noqa: E402
 from cxr.lungs import audit_inputs, focus_array  # noqa: E402
 from cxr.metrics import intervals, macro_f1, mcnemar  # noqa: E402
 from cxr.params import load_params, with_overrides  # noqa: E402
 from cxr.prepare import prepare  # noqa: E402
+from cxr.prepared import load_prepared, split_arrays, split_masks  # noqa: E402
 
 REFERENCE = "logistic_regression"
 

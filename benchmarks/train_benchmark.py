@@ -38,7 +38,6 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402  (the study's PNG loader, (d); TensorFlow's own (b))
 
 from cxr import backend, machine  # noqa: E402
-from cxr.cache import split_arrays  # noqa: E402
 from cxr.classes import DATASET_DIR, LABELS  # noqa: E402
 from cxr.fit import (  # noqa: E402
     accelerator_settings,
@@ -50,6 +49,7 @@ from cxr.fit import (  # noqa: E402
 )
 from cxr.params import load_params  # noqa: E402
 from cxr.prepare import prepare  # noqa: E402
+from cxr.prepared import split_arrays  # noqa: E402
 from cxr.synthetic import write_dataset  # noqa: E402
 
 

@@ -42,11 +42,11 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
 
-    from cxr.cache import split_arrays
     from cxr.download import download
     from cxr.fit import accelerator_settings, fit, settings_for
     from cxr.params import check_params, load_params, with_overrides
     from cxr.prepare import prepare
+    from cxr.prepared import split_arrays
     from cxr.tune import tune
 
     base = load_params(ROOT / "params.yaml")

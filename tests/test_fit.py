@@ -277,10 +277,10 @@ def test_training_batches_hold_the_decoded_files_and_their_folder_labels(synthet
     """The cached pipeline feeds the same pixels and labels as decoding every file."""
     from pathlib import Path
 
-    from cxr.cache import load_prepared, split_arrays
     from cxr.classes import FOLDER_TO_LABEL, LABELS
     from cxr.images import load_grey
     from cxr.prepare import prepare
+    from cxr.prepared import load_prepared, split_arrays
     from tests.conftest import prepare_settings
 
     cfg = prepare_settings(

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr.cache import load_prepared, split_arrays, split_masks
 from cxr.classes import DATASET_DIR, LABELS
 from cxr.data_report import write_data_report
 from cxr.images import load_grey
 from cxr.lungs import read_mask, template_mask
 from cxr.prepare import DataError, index_images, prepare
+from cxr.prepared import load_prepared, split_arrays, split_masks
 from cxr.synthetic import write_dataset, write_topup
 from tests.conftest import REAL_SAMPLE, prepare_settings
 

@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 
 from cxr import tracking
-from cxr.cache import SPLITS, load_prepared
 from cxr.figures import pyplot, save_figure
 from cxr.files import atomic_path, write_json
+from cxr.prepared import SPLITS, load_prepared
 
 LISTED = 20  # rows shown per list in the markdown; report.json has them all
 

@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 
 from cxr import tracking
-from cxr.cache import split_arrays, split_masks
 from cxr.errors import CxrError
 from cxr.figures import pyplot, save_figure
 from cxr.files import atomic_path, read_json, write_json
@@ -36,6 +35,7 @@ from cxr.metrics import (
     per_source,
     scores,
 )
+from cxr.prepared import split_arrays, split_masks
 from cxr.timing import Phases
 
 
@@ -333,7 +333,7 @@ def validation_scores(
 
 
 def _test_rows(prepared: Path) -> list[dict]:
-    from cxr.cache import load_prepared
+    from cxr.prepared import load_prepared
 
     return [r for r in load_prepared(prepared)[1] if r["split"] == "test"]
 

@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 
 from cxr import layout
-from cxr.cache import SPLITS, write_index
 from cxr.classes import DATASET_DIR, LABEL_TO_FOLDER, TOPUP_LABEL
 from cxr.console import progress
 from cxr.dedupe import dedupe
@@ -49,6 +48,7 @@ from cxr.images import (
     resize,
 )
 from cxr.lungs import mask_file, read_mask, template_mask
+from cxr.prepared import SPLITS, write_index
 from cxr.processes import worker_dies_with_parent
 
 THUMB = 32  # thumbnail side for near-duplicate checks

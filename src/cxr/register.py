@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 
 from cxr import tracking
-from cxr.cache import split_arrays, split_masks
 from cxr.errors import CxrError
 from cxr.files import atomic_path, read_json, write_json
 from cxr.lungs import audit_inputs
 from cxr.metrics import HEADLINE, INTERVALS, INTERVALS_NOTE, lung_verdict, scores
 from cxr.params import LUNG_METRICS
+from cxr.prepared import split_arrays, split_masks
 from cxr.repo import git_commit
 from cxr.requirements import MODEL_REQUIREMENTS, pinned_requirements
 

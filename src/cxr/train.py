@@ -11,13 +11,13 @@ import keras
 import numpy as np
 
 from cxr import backend, machine, tracking
-from cxr.cache import split_arrays
 from cxr.checkpoint import Checkpoint
 from cxr.figures import pyplot, save_figure
 from cxr.files import atomic_path, read_json, write_json
 from cxr.fit import Fitted, accelerator_settings, early_stopping, fit, settings_for
 from cxr.models import check_settings
 from cxr.params import flatten
+from cxr.prepared import split_arrays
 from cxr.repo import repo_root
 from cxr.requirements import pinned_requirements
 from cxr.timing import Phases

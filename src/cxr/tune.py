@@ -195,8 +195,8 @@ def run_worker(job: dict[str, Any]) -> None:
     import optuna
 
     from cxr import tracking
-    from cxr.cache import split_arrays
     from cxr.fit import accelerator_settings, fit, settings_for
+    from cxr.prepared import split_arrays
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     params, model, name, parent = job["params"], job["model"], job["name"], job["parent"]

@@ -1,4 +1,4 @@
-"""The prepared cache, the contract between the prepare stage and every stage after it.
+"""`prepared/`, the contract between the prepare stage and every stage after it.
 
 `prepared/` holds
 - `images.npy`: uint8 (n, image_size, image_size), the kept images in manifest order (train,
