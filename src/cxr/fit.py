@@ -24,8 +24,9 @@ def settings_for(name: str, params: dict[str, Any]) -> tuple[dict, dict]:
     from cxr.models import TRAINING_KEYS
 
     model_cfg = params["models"][name]
-    cfg = {**params["train"], **{k: model_cfg[k] for k in TRAINING_KEYS if k in model_cfg}}
-    cfg["augment"] = {**params["train"]["augment"], **model_cfg.get("augment", {})}
+    own = {k: model_cfg[k] for k in TRAINING_KEYS if model_cfg.get(k) is not None}  # null: train's
+    cfg = {**params["train"], **own}
+    cfg["augment"] = {**params["train"]["augment"], **(model_cfg.get("augment") or {})}
     # train.lung_focus is part of every model's graph: a builder setting (a model's own wins).
     builder = {"lung_focus": cfg.pop("lung_focus")}
     return cfg, builder | {k: v for k, v in model_cfg.items() if k not in TRAINING_KEYS}

@@ -391,8 +391,9 @@ def _check_model_training_keys(model: str, settings: Any, train: dict[str, Any])
     train's rules."""
     if not isinstance(settings, dict):
         raise ParamsError(f"params.yaml: 'models.{model}' must be a mapping, got {settings!r}.")
-    merged = {**train, **{k: v for k, v in settings.items() if k in train and k != "augment"}}
-    augment = settings.get("augment", {})
+    own = {k: v for k, v in settings.items() if k in train and k != "augment" and v is not None}
+    merged = {**train, **own}  # a null training key is train's
+    augment = settings.get("augment") or {}
     if not isinstance(augment, dict) or set(augment) - set(train["augment"]):
         raise ParamsError(
             f"params.yaml: models.{model}.augment is {augment!r}; expected a mapping of some "
