@@ -57,7 +57,7 @@ lint: install  ## ruff
 	ruff check .
 	ruff format --check .
 
-# Wheels that benchmarks/gpu_check.py needs on a lent GPU machine (Python 3.12, JAX with CUDA,
+# Wheels that benchmarks/gpu_check.py needs on a GPU machine without TensorFlow (Python 3.12, JAX with CUDA,
 # no Keras): Keras and what it imports that such a machine may lack, at the locked versions.
 gpu-wheels: install  ## wheels for benchmarks/gpu_check.py on a GPU machine (docs/benchmarks.md)
 	$(VENV)/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \

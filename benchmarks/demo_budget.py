@@ -14,6 +14,7 @@ budget was chosen: docs/benchmarks.md, "The demo, budgeted by work".
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -44,16 +45,21 @@ def main() -> None:
     from cxr.prepared import split_arrays
     from cxr.synthetic import write_dataset
 
-    data, size = params["data"], params["prepare"]["image_size"]
+    data = params["data"]
     synthetic = data["synthetic"]
-    key = "-".join(str(synthetic[k]) for k in ("per_class", "image_size", "seed", "findings"))
-    raw, prepared = args.workdir / f"raw-{key}", args.workdir / f"prepared-{key}-{size}"
+
+    def key(*parts) -> str:  # every setting the folder depends on
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
+
+    raw = args.workdir / f"raw-{key(synthetic)}"
+    prepared = args.workdir / f"prepared-{key(synthetic, params['prepare'], data['classes'])}"
     if not (raw / ".complete").exists():
         write_dataset(
             raw,
             synthetic["per_class"],
             synthetic["image_size"],
             synthetic["seed"],
+            shortcut=synthetic["shortcut"],
             findings=synthetic["findings"],
         )
         (raw / ".complete").touch()

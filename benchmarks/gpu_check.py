@@ -10,7 +10,7 @@ the project from src/ without installing it (no TensorFlow, MLflow or DVC):
         [--budget 420]
 
 For each architecture (params.yaml's builder settings, transfer models from scratch):
-1. the bare-model ceiling, as ../shared/tools/gpu_ceiling.py measures it: `model.fit` on
+1. the bare-model ceiling: `model.fit` on
    uint8 images in host memory, no augmentation, no input iterator;
 2. the train stage's own step: cxr.fit.fit with params.yaml's `train` settings resolved for
    this machine (mixed precision, XLA, steps per execution, determinism: `auto`), the

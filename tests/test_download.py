@@ -139,6 +139,8 @@ def test_the_topup_set_is_fetched_by_its_current_version_and_recorded(tmp_path, 
     api.version = 8  # a new version of both on Kaggle: the top-up's is downloaded
     run_kaggle(tmp_path, api, kaggle_version=5, topup="viral")
     assert api.calls[2:] == [f"{topup}/8"]
+    run_kaggle(tmp_path, api, kaggle_version=5, topup="viral", topup_version=7)
+    assert len(api.calls) == 3  # a pinned version: the cached zip, whatever is current
 
 
 @needs_sample

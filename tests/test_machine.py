@@ -82,9 +82,11 @@ def test_tensorflow_uses_onednn_after_import_cxr_unless_told_not_to(env):
         "import cxr\n"
         "from cxr import machine\n"
         "from tensorflow.python.util import _pywrap_util_port as port\n"
-        "print(machine.onednn(), 'on' if port.IsMklEnabled() else 'off')\n"
+        "import os\n"
+        "print(os.environ['TF_ENABLE_ONEDNN_OPTS'], machine.onednn(),"
+        " 'on' if port.IsMklEnabled() else 'off')\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], env=environ, capture_output=True, text=True, check=True
     ).stdout.split()
-    assert out == (["on", "on"] if env is None else ["off", "off"])
+    assert out == (["1", "on", "on"] if env is None else ["0", "off", "off"])

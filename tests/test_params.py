@@ -40,11 +40,11 @@ def _write(tmp_path, mutate):
 
 @pytest.mark.parametrize("key", ["mixed_precision", "jit_compile", "deterministic"])
 def test_tri_states_say_auto_true_or_false_and_name_the_new_spelling(tmp_path, key):
-    """One vocabulary for the three: YAML's unquoted on/off are booleans and work; the old
-    quoted spellings (what `-S train.<key>=on` writes) are refused, naming the new one."""
+    """One vocabulary for the three: auto, true, false; the old spellings as strings (what
+    `-S train.<key>=on` writes) are refused, naming the new one."""
     text = (ROOT / "params.yaml").read_text()
     path = tmp_path / "params.yaml"
-    for written, value in (("on", True), ("false", False), ("auto", "auto")):
+    for written, value in (("true", True), ("false", False), ("auto", "auto")):
         path.write_text(re.sub(rf"(?m)^(  {key}:) \S+", rf"\1 {written}", text, count=1))
         assert load_params(path)["train"][key] == value
     path.write_text(re.sub(rf"(?m)^(  {key}:) \S+", r"\1 'off'", text, count=1))

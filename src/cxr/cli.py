@@ -22,8 +22,8 @@ def environment_first_on_path() -> None:
     that DVC, and the `python` its stages run, are this environment's also when it is not
     activated (`.venv/bin/cxr demo`, `.venv/bin/python benchmarks/...`)."""
     bin_dir = str(Path(sys.executable).parent)
-    parts = os.environ.get("PATH", "").split(os.pathsep)
-    if parts[0] != bin_dir:
+    parts = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p]  # "": the cwd
+    if not parts or parts[0] != bin_dir:
         os.environ["PATH"] = os.pathsep.join([bin_dir, *parts])
 
 

@@ -519,9 +519,9 @@ def download(
             )
         if data["topup"] and source != "synthetic":
             what = "top-up archive"
-            if source == "kaggle":  # its current version: recorded, and the cache's key
+            if source == "kaggle":  # like the database's: recorded, and the cache's key
                 dataset = data["topup_dataset"]
-                version = latest_version(dataset, api_factory)
+                version = data["topup_version"] or latest_version(dataset, api_factory)
                 unpacked = kaggle_unpack(
                     dataset, version, cache_dir, api_factory, tmp, TOPUP_DIR, what
                 )

@@ -111,6 +111,7 @@ SCHEMA: dict[str, Any] = {
         "archive": (str, type(None)),
         "topup": (str, type(None)),
         "topup_dataset": str,
+        "topup_version": (int, type(None)),
         "topup_archive": (str, type(None)),
         "synthetic": {
             "per_class": int,
@@ -293,6 +294,12 @@ def check_params(params: dict[str, Any]) -> dict[str, Any]:
         raise ParamsError(
             f"params.yaml: data.synthetic.shortcut is {data['synthetic']['shortcut']!r}; "
             f"expected one of {list(SHORTCUTS)}."
+        )
+    if data["synthetic"]["findings"] != 1 and data["topup"] and data["source"] == "synthetic":
+        raise ParamsError(
+            "params.yaml: data.synthetic.findings scales the database's phantoms only, not "
+            "the top-up set's (whose duplicates of them would then differ): set data.topup "
+            "to null with it."
         )
     if data["synthetic"]["shortcut"] != "none" and data["topup"]:
         raise ParamsError(

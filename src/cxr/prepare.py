@@ -1,6 +1,6 @@
 """The prepare stage: index, validate, dedupe, balance, split, decode once into a cache.
 
-Order matters (DESIGN §3): duplicates are found before balancing and splitting, balancing
+Order matters: duplicates are found before balancing and splitting, balancing
 never copies an image, and near-duplicate groups never straddle train/val/test.
 
 1. index: the class folders of `raw/` (either Kaggle layout, cxr.layout), your images in
