@@ -2,7 +2,9 @@
 VENV ?= .venv
 PYTHON ?= python3
 EXTRAS ?= dev               # `make install EXTRAS=dev,gpu` on a GPU machine (CUDA from PyPI)
-STAMP := $(VENV)/.installed-stamp
+comma := ,
+# One stamp per set of extras: `make install EXTRAS=dev,gpu` after `make demo` installs the GPU extra.
+STAMP := $(VENV)/.installed-$(subst $(comma),+,$(strip $(EXTRAS)))
 # DVC runs each stage's `python ...` through the shell: put the venv first on PATH.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
