@@ -5,10 +5,10 @@
 
 Trains each model as the train stage does (cxr.fit.fit, no MLflow) with params.yaml's
 `demo:` overrides and then the -S ones (e.g. -S models.vgg19.epochs=4 -S
-data.synthetic.findings=1.0), on the demo's phantoms (written and prepared once per
-setting into --workdir). Prints the machine, then one JSON line per model: fit seconds
-(graph tracing included), epochs run, validation accuracy after each epoch. How the demo's
-budget was chosen: docs/benchmarks.md, "The demo, budgeted by work".
+data.synthetic.findings=1.0), on the demo's phantoms (written by the download stage's code
+and prepared once per setting into --workdir). Prints the machine, then one JSON line per
+model: fit seconds (graph tracing included), epochs run, validation accuracy after each
+epoch. How the demo's budget was chosen: docs/benchmarks.md, "The demo, budgeted by work".
 """
 
 from __future__ import annotations
@@ -40,29 +40,20 @@ def main() -> None:
     params = check_params(with_overrides(params, params["demo"] | extra))
     print("#", machine.header(), flush=True)
 
+    from cxr.download import download
     from cxr.fit import accelerator_settings, fit, settings_for
     from cxr.prepare import prepare
     from cxr.prepared import split_arrays
-    from cxr.synthetic import write_dataset
 
     data = params["data"]
-    synthetic = data["synthetic"]
 
     def key(*parts) -> str:  # every setting the folder depends on
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
-    raw = args.workdir / f"raw-{key(synthetic)}"
-    prepared = args.workdir / f"prepared-{key(synthetic, params['prepare'], data['classes'])}"
-    if not (raw / ".complete").exists():
-        write_dataset(
-            raw,
-            synthetic["per_class"],
-            synthetic["image_size"],
-            synthetic["seed"],
-            shortcut=synthetic["shortcut"],
-            findings=synthetic["findings"],
-        )
-        (raw / ".complete").touch()
+    raw = args.workdir / f"raw-{key(data)}"
+    prepared = args.workdir / f"prepared-{key(data, params['prepare'])}"
+    if not raw.exists():  # the download stage's own code (written atomically)
+        download(data, raw, args.workdir / f"{raw.name}.json", args.workdir / "cache")
     if not (prepared / "dataset.json").exists():
         prepare(raw, [], data["classes"], params["prepare"], prepared)
     train, val = split_arrays(prepared, "train")[:2], split_arrays(prepared, "val")[:2]
