@@ -5,9 +5,10 @@
 
 Draws, for each class folder of the archive (a folder in the Kaggle layout), the mean of its
 images with the template (red) and the lung focus's region (the template grown by
-FOCUS_MARGIN, dashed), then `--per-class` films with the same outlines. Where a film has its
-own mask file (`<Class>/masks/`), it is drawn too (green) and the template's Dice overlap with
-it is printed. The figure goes to --out (not into the repository: it shows the films).
+params.yaml's train.lung_focus_margin, dashed), then `--per-class` films with the same
+outlines. Where a film has its own mask file (`<Class>/masks/`), it is drawn too (green)
+and the template's Dice overlap with it is printed. The figure goes to --out (not into the
+repository: it shows the films).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import numpy as np
 from cxr.classes import DATASET_DIR, FOLDER_TO_LABEL
 from cxr.figures import pyplot
 from cxr.images import load_grey
-from cxr.lungs import FOCUS_MARGIN, mask_file, read_mask, template_mask
+from cxr.lungs import mask_file, read_mask, template_mask
+from cxr.params import load_params
 
 
 def class_folders(archive: Path) -> list[Path]:
@@ -41,7 +43,7 @@ def main() -> None:
     if not folders:
         raise SystemExit(f"lung_template: no class folders with images/ under {args.archive}")
     size, template = args.size, template_mask(args.size)
-    grown = template_mask(size, FOCUS_MARGIN)
+    grown = template_mask(size, load_params()["train"]["lung_focus_margin"])
     plt = pyplot()
     fig, axes = plt.subplots(
         len(folders), args.per_class + 1, figsize=(1.9 * (args.per_class + 1), 2.0 * len(folders))

@@ -168,9 +168,10 @@ def main() -> None:
     rows = []
     predictions = {}
     views = audit_inputs(x_test, summary["test_masks"])
-    focus = params["train"]["lung_focus"] == "template"
-    if focus:  # the baselines see what a lung-focused model sees
-        x_train, views = focus_array(x_train), {k: focus_array(v) for k, v in views.items()}
+    if params["train"]["lung_focus"] == "template":  # the baselines see what the models see
+        margin = params["train"]["lung_focus_margin"]
+        x_train = focus_array(x_train, margin)
+        views = {k: focus_array(v, margin) for k, v in views.items()}
     for baseline in BASELINES:
         t0 = time.perf_counter()
         seen = fit_predict(baseline, x_train, y_train, list(views.values()), seed=ev["seed"])

@@ -40,18 +40,20 @@ def test_model_overrides_win_for_that_model_only():
             "batch_size": 32,
             "augment": {"zoom": 0.1, "shift": 0.05},
             "lung_focus": "template",
+            "lung_focus_margin": -0.02,
         },
         "models": {
             "resnet50v2": {"weights": "none", "epochs": 12, "augment": {"zoom": 0.0}},
             "cnn": {"filters": [8]},
         },
     }
+    focus = {"lung_focus": "template", "lung_focus_margin": -0.02}
     cfg, builder = settings_for("resnet50v2", params)
-    assert cfg["epochs"] == 12 and builder == {"weights": "none", "lung_focus": "template"}
-    assert "lung_focus" not in cfg  # a builder setting, logged once
+    assert cfg["epochs"] == 12 and builder == {"weights": "none", **focus}
+    assert not set(focus) & set(cfg)  # builder settings, logged once
     assert cfg["augment"] == {"zoom": 0.0, "shift": 0.05}  # the model's keys, train's others
     cfg, builder = settings_for("cnn", params)
-    assert cfg["epochs"] == 30 and builder == {"filters": [8], "lung_focus": "template"}
+    assert cfg["epochs"] == 30 and builder == {"filters": [8], **focus}
     assert cfg["augment"] == {"zoom": 0.1, "shift": 0.05}
 
 

@@ -73,18 +73,24 @@ def test_input_is_resized_inside_the_model():
     )
 
 
-@pytest.mark.parametrize("input_size", [None, 32])
-def test_the_lung_focus_shows_only_the_templates_lungs(input_size, tmp_path):
-    from cxr.lungs import FOCUS_FILL, FOCUS_MARGIN, focus_array, focus_crop, template_mask
+@pytest.mark.parametrize("input_size, margin", [(None, 0.04), (32, 0.04), (None, -0.03)])
+def test_the_lung_focus_shows_only_the_templates_lungs(input_size, margin, tmp_path):
+    from cxr.lungs import FOCUS_FILL, focus_array, focus_crop, template_mask
 
     model = build_model(
-        "cnn", (64, 64, 1), 4, filters=[8], lung_focus="template", input_size=input_size
+        "cnn",
+        (64, 64, 1),
+        4,
+        filters=[8],
+        input_size=input_size,
+        lung_focus="template",
+        lung_focus_margin=margin,
     )
     focus = keras.Model(model.input, model.get_layer("lung_mask").output)
     x = grey_batch(3, 64)[0]
     seen = keras.ops.convert_to_numpy(focus(x.astype("float32")))[..., 0]
     size = input_size or 64
-    lungs = template_mask(size, FOCUS_MARGIN, focus_crop(64, 64)[1])
+    lungs = template_mask(size, margin, focus_crop(64, 64, margin)[1])
     assert seen.shape == (3, size, size)
     np.testing.assert_allclose(seen[:, ~lungs], FOCUS_FILL, atol=1e-3)
     assert seen[:, lungs].std() > 30  # the lungs' own pixels pass (cropped, resized)
@@ -92,7 +98,7 @@ def test_the_lung_focus_shows_only_the_templates_lungs(input_size, tmp_path):
         smooth = np.stack([np.full((64, 64), 40), np.tile(np.arange(64) * 3, (64, 1))])
         smooth = smooth[..., None].astype(np.uint8)
         ours = keras.ops.convert_to_numpy(focus(smooth.astype("float32")))[..., 0]
-        np.testing.assert_allclose(focus_array(smooth)[..., 0], ours, atol=2.5)
+        np.testing.assert_allclose(focus_array(smooth, margin)[..., 0], ours, atol=2.5)
     # Whatever lies outside the template's box (a marker in a corner) changes nothing.
     marked = x.copy()
     marked[:, :6, :6] = 255

@@ -1,6 +1,6 @@
-"""The private APIs the code relies on (MLflow's `_save_example`, Keras' `_inbound_nodes`,
-JAX's `xla_bridge`, Optuna's `_storage` and `_trial_id`), each pinned by a test that fails
-when the upstream behaviour it works around or uses changes."""
+"""The private APIs the code relies on (MLflow's `_save_example` and run context registry,
+Keras' `_inbound_nodes`, JAX's `xla_bridge`, Optuna's `_storage` and `_trial_id`), each
+pinned by a test that fails when the upstream behaviour it works around or uses changes."""
 
 import keras
 import numpy as np
@@ -34,6 +34,21 @@ def test_the_patched_logging_saves_a_model_with_its_example(tmp_path, monkeypatc
         assert loaded.input_example is not None
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_mlflow_still_resolves_a_new_runs_context_tags_in_its_registry():
+    """cxr.tracking creates a stage's run itself (to give it the process's start time) with
+    the tags mlflow.start_run would resolve: the same registry call, the same tags."""
+    from mlflow.tracking.context import registry
+
+    tags = registry.resolve_tags({"cxr.group": "g"})
+    assert tags["cxr.group"] == "g"
+    assert {"mlflow.user", "mlflow.source.name", "mlflow.source.type"} <= set(tags)
+    import inspect
+
+    import mlflow.tracking.fluent as fluent
+
+    assert "context_registry.resolve_tags(" in inspect.getsource(fluent.start_run)
 
 
 def test_a_nested_models_output_is_not_a_tensor_of_the_outer_graph():

@@ -1,4 +1,5 @@
 import os
+import time
 from pathlib import Path
 
 import mlflow
@@ -44,6 +45,25 @@ def local_store(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     yield tmp_path
     mlflow.set_tracking_uri(None)
+
+
+def test_a_stages_run_starts_when_its_process_did(local_store, monkeypatch):
+    """The run's duration in MLflow is the stage's, start-up included (cxr.errors.run_stage
+    records the process's start), with the tags mlflow.start_run gives a new run."""
+    from cxr import errors
+
+    started = int((time.time() - 42) * 1000)
+    monkeypatch.setattr(errors, "stage_started_ms", started)
+    with tracking.start_run("cxr-test", "cnn", {"cxr.group": "g"}) as run:
+        pass
+    info, tags = mlflow.get_run(run.info.run_id).info, mlflow.get_run(run.info.run_id).data.tags
+    assert info.start_time == started and info.end_time - started >= 42_000
+    assert info.run_name == "cnn" and info.status == "FINISHED" and tags["cxr.group"] == "g"
+    assert {"mlflow.user", "mlflow.source.name", "mlflow.source.type"} <= set(tags)
+    monkeypatch.setattr(errors, "stage_started_ms", None)  # not a stage: the run starts now
+    with tracking.start_run("cxr-test", "cnn", {}) as run:
+        pass
+    assert mlflow.get_run(run.info.run_id).info.start_time > started + 40_000
 
 
 def test_experiment_kind_and_artifacts_beside_the_store(local_store):

@@ -7,6 +7,10 @@ import sys
 from collections.abc import Callable
 
 MAX_MESSAGE = 1_000  # characters: a message quotes the user's values, which can be huge
+# When this process started (ms since the epoch), set once run_stage runs it as a stage: its
+# MLflow run starts then (cxr.tracking.start_run), so that the run's duration in MLflow is
+# the stage's, start-up (Python, TensorFlow, MLflow: ~5 s) included.
+stage_started_ms: int | None = None
 
 
 class CxrError(Exception):
@@ -25,6 +29,11 @@ class CxrError(Exception):
 def run_stage(main: Callable[[], object]) -> None:
     """Run a stage's main: a CxrError is one line on stderr (exit status 2); SIGTERM cleans
     up as Ctrl-C does (every `finally` runs: temporaries removed), exit status 143."""
+
+    import psutil
+
+    global stage_started_ms
+    stage_started_ms = int(psutil.Process().create_time() * 1000)
 
     def terminated(signum, frame):
         import multiprocessing

@@ -21,14 +21,14 @@ from cxr import backend
 
 def settings_for(name: str, params: dict[str, Any]) -> tuple[dict, dict]:
     """(training settings with the model's overrides applied, builder kwargs) of `name`."""
-    from cxr.models import TRAINING_KEYS
+    from cxr.models import LUNG_FOCUS_KEYS, TRAINING_KEYS
 
     model_cfg = params["models"][name]
     own = {k: model_cfg[k] for k in TRAINING_KEYS if model_cfg.get(k) is not None}  # null: train's
     cfg = {**params["train"], **own}
     cfg["augment"] = {**params["train"]["augment"], **(model_cfg.get("augment") or {})}
-    # train.lung_focus is part of every model's graph: a builder setting (a model's own wins).
-    builder = {"lung_focus": cfg.pop("lung_focus")}
+    # train.lung_focus* are part of every model's graph: builder settings (a model's own win).
+    builder = {k: cfg.pop(k) for k in LUNG_FOCUS_KEYS}
     return cfg, builder | {k: v for k, v in model_cfg.items() if k not in TRAINING_KEYS}
 
 

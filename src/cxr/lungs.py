@@ -30,8 +30,8 @@ TEMPLATE = ((0.30, 0.46, 0.155, 0.32), (0.70, 0.46, 0.155, 0.32))
 # How a mask file is read: grey level above this is lung.
 MASK_THRESHOLD = 127
 # The lung focus (train.lung_focus: template, inside every model's graph: cxr.models) keeps
-# the template's lungs grown by this fraction of the image side; the rest is mid grey.
-FOCUS_MARGIN = 0.04
+# the template's lungs grown by train.lung_focus_margin (a fraction of the image side; below
+# zero, shrunk); the rest is this grey.
 FOCUS_FILL = 127.5
 
 
@@ -58,11 +58,11 @@ def template_box(margin: float) -> tuple[float, float, float, float]:
     return max(x0, 0.0), max(y0, 0.0), min(x1, 1.0), min(y1, 1.0)
 
 
-def focus_crop(height: int, width: int) -> tuple[tuple[int, int, int, int], tuple]:
+def focus_crop(height: int, width: int, margin: float) -> tuple[tuple[int, int, int, int], tuple]:
     """The lung focus's crop of an image of this size: ((top, bottom, left, right) pixels cut
     off each side, the box kept as fractions of the image), whole pixels both, so that the
     template drawn in the box (`template_mask(..., box)`) lines up with the cropped pixels."""
-    x0, y0, x1, y1 = template_box(FOCUS_MARGIN)
+    x0, y0, x1, y1 = template_box(margin)
     top, left = round(y0 * height), round(x0 * width)
     bottom, right = round(y1 * height), round(x1 * width)
     box = (left / width, top / height, right / width, bottom / height)
@@ -117,16 +117,17 @@ def heat_inside(cams: np.ndarray, masks: np.ndarray) -> np.ndarray:
     return np.divide(inside, total, out=np.full(len(cams), np.nan), where=total > 0)
 
 
-def focus_array(images: np.ndarray) -> np.ndarray:
+def focus_array(images: np.ndarray, margin: float) -> np.ndarray:
     """The lung focus on (n, H, W[, 1]) uint8 images outside a model, for the pixel baselines:
-    crop to the template's box, resize back (PIL's bilinear; the model's graph uses Keras'
-    Resizing, so pixels may differ by a grey level or two), mid grey outside the lungs."""
+    crop to the template's box grown by `margin`, resize back (PIL's bilinear; the model's
+    graph uses Keras' Resizing, so pixels may differ by a grey level or two), mid grey
+    outside the lungs."""
     shape = images.shape
     grey = images.reshape(shape[:3])
     height, width = shape[1:3]
-    (top, bottom, left, right), box = focus_crop(height, width)
+    (top, bottom, left, right), box = focus_crop(height, width, margin)
     crop = (left, top, width - right, height - bottom)
-    lungs = template_mask(height, FOCUS_MARGIN, box)
+    lungs = template_mask(height, margin, box)
     out = np.empty_like(grey)
     for i, g in enumerate(grey):
         view = np.asarray(Image.fromarray(g).crop(crop).resize((width, height), Image.BILINEAR))

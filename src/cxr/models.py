@@ -6,8 +6,8 @@ resizing, scaling and channel handling inside the graph, with serialisable layer
 The softmax runs in float32 so that mixed precision stays numerically stable.
 
 `lung_focus="template"` puts the lung focus first in every graph (`_input`): the image is
-cropped to the lung template's box (cxr.lungs, grown by FOCUS_MARGIN), resized back, and
-everything outside the template's lungs is set to mid grey, the same for every image, so
+cropped to the lung template's box (cxr.lungs, grown by `lung_focus_margin`), resized back,
+and everything outside the template's lungs is set to mid grey, the same for every image, so
 borders, markers, shoulders and body outline never reach the network, in training,
 evaluation, serving and `cxr predict` alike.
 
@@ -30,7 +30,7 @@ import keras
 import numpy as np
 from keras import layers
 
-from cxr.lungs import FOCUS_FILL, FOCUS_MARGIN, focus_crop, template_mask
+from cxr.lungs import FOCUS_FILL, focus_crop, template_mask
 
 POOLINGS = {  # its names: cxr.params.POOLINGS (checked there without importing Keras)
     "max": layers.GlobalMaxPooling2D,
@@ -50,6 +50,15 @@ def _pool(x, pooling: str):
     return POOLINGS[pooling]()(x)
 
 
+# The builders' lung focus settings: train's (cxr.fit.settings_for), or a model's own.
+LUNG_FOCUS_KEYS = ("lung_focus", "lung_focus_margin")
+
+
+def _focus(settings: dict) -> dict:
+    """A builder's lung focus settings, from its locals()."""
+    return {k: settings[k] for k in LUNG_FOCUS_KEYS}
+
+
 def _head(x, n_classes: int, dense_units: int, dropout: float):
     x = layers.Dropout(dropout)(x)
     x = layers.Dense(dense_units, activation="relu")(x)
@@ -57,17 +66,17 @@ def _head(x, n_classes: int, dense_units: int, dropout: float):
     return layers.Dense(n_classes, activation="softmax", dtype="float32", name="probs")(x)
 
 
-def lung_focus_layers(x, input_shape, size: int):
-    """Crop (H, W, 1) images to the template's box, resize to `size`, and set what lies
-    outside the template's lungs to FOCUS_FILL (mid grey, the same for every image).
-    Built-in layers only: the mask is a Normalization with mean 0 and variance 1 inside the
-    lungs (the pixel passes unchanged) and, outside, a standard deviation of 1e6 and a mean
-    of -fill * 1e6, which sends every pixel to the fill (within 3e-4 grey levels), in
-    float32 whatever the dtype policy."""
-    (top, bottom, left, right), box = focus_crop(*input_shape[:2])
+def lung_focus_layers(x, input_shape, size: int, margin: float):
+    """Crop (H, W, 1) images to the template's box grown by `margin`, resize to `size`, and
+    set what lies outside the template's lungs (grown by the same margin) to FOCUS_FILL (mid
+    grey, the same for every image). Built-in layers only: the mask is a Normalization with
+    mean 0 and variance 1 inside the lungs (the pixel passes unchanged) and, outside, a
+    standard deviation of 1e6 and a mean of -fill * 1e6, which sends every pixel to the fill
+    (within 3e-4 grey levels), in float32 whatever the dtype policy."""
+    (top, bottom, left, right), box = focus_crop(*input_shape[:2], margin)
     x = layers.Cropping2D(((top, bottom), (left, right)), name="lung_crop")(x)
     x = layers.Resizing(size, size, interpolation="bilinear", name="lung_resize")(x)
-    lungs = template_mask(size, FOCUS_MARGIN, box)[..., None]
+    lungs = template_mask(size, margin, box)[..., None]
     scale = 1e6
     return layers.Normalization(
         axis=(1, 2, 3),
@@ -78,16 +87,16 @@ def lung_focus_layers(x, input_shape, size: int):
     )(x)
 
 
-def _input(input_shape, input_size: int | None, lung_focus: str = "none"):
-    """The model's input, with the lung focus (`lung_focus: template`) and resized inside
-    the graph to `input_size` when that is set."""
-    if lung_focus not in ("none", "template"):
-        raise ValueError(f"lung_focus must be none or template, got {lung_focus!r}.")
+def _input(input_shape, input_size: int | None, focus: dict):
+    """The model's input, with the lung focus (`focus`: the builder's lung_focus and
+    lung_focus_margin) and resized inside the graph to `input_size` when that is set."""
+    if focus["lung_focus"] not in ("none", "template"):
+        raise ValueError(f"lung_focus must be none or template, got {focus['lung_focus']!r}.")
     inputs = keras.Input(input_shape, name="image")
     x = inputs
     size = input_size or input_shape[0]
-    if lung_focus == "template":
-        x = lung_focus_layers(x, input_shape, size)
+    if focus["lung_focus"] == "template":
+        x = lung_focus_layers(x, input_shape, size, focus["lung_focus_margin"])
     elif size != input_shape[0]:
         x = layers.Resizing(size, size, interpolation="bilinear")(x)
     return inputs, x
@@ -102,6 +111,7 @@ def build_cnn(
     pooling: str = "max",
     input_size: int | None = None,
     lung_focus: str = "none",
+    lung_focus_margin: float = -0.03,
 ) -> keras.Model:
     """A plain CNN: conv/max-pool blocks, no batch norm (the study's baseline).
 
@@ -110,7 +120,7 @@ def build_cnn(
     whole image (on the phantoms it stayed at chance where "max" reached 0.95);
     "flatten" keeps positions, at many more parameters.
     """
-    inputs, x = _input(input_shape, input_size, lung_focus)
+    inputs, x = _input(input_shape, input_size, _focus(locals()))
     x = layers.Rescaling(1 / 127.5, offset=-1.0)(x)
     for f in filters:
         x = layers.Conv2D(f, 3, padding="same", activation="relu", kernel_initializer="he_normal")(
@@ -132,11 +142,12 @@ def _build_bn_cnn(name: str, blocks: int):
         bn_momentum: float = 0.9,
         input_size: int | None = None,
         lung_focus: str = "none",
+        lung_focus_margin: float = -0.03,
     ) -> keras.Model:
         filters = list(filters or [32 * 2 ** min(i // 2, 3) for i in range(blocks)])
         if len(filters) != blocks:
             raise ValueError(f"{name} has {blocks} conv blocks; got {len(filters)} filters.")
-        inputs, x = _input(input_shape, input_size, lung_focus)
+        inputs, x = _input(input_shape, input_size, _focus(locals()))
         x = layers.Rescaling(1 / 127.5, offset=-1.0)(x)
         for i, f in enumerate(filters):
             x = layers.Conv2D(f, 3, padding="same", use_bias=False, kernel_initializer="he_normal")(
@@ -194,8 +205,9 @@ def _build_transfer(name: str, application, preprocess: str):
         pooling: str = "avg",
         input_size: int | None = None,
         lung_focus: str = "none",
+        lung_focus_margin: float = -0.03,
     ) -> keras.Model:
-        inputs, x = _input(input_shape, input_size, lung_focus)
+        inputs, x = _input(input_shape, input_size, _focus(locals()))
         size = input_size or input_shape[0]
         x = layers.Concatenate(name="grey_to_rgb")([x, x, x])
         from_scratch = weights in (None, "none")

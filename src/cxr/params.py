@@ -79,6 +79,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "train.augment.zoom": _number(0, 0.9),
     "train.augment.brightness": _number(0, 1),
     "train.augment.contrast": _number(0, 1),
+    "train.lung_focus_margin": _number(-0.1, 0.2),
     "evaluate.batch_size": _whole(1),
     "evaluate.bootstrap": _whole(1),
     "evaluate.ci_level": _number(0, 1, open_low=True),
@@ -100,6 +101,7 @@ MODEL_RANGES: dict[str, tuple[Any, str]] = {
     "filters": _whole_list(1),
     "input_size": _optional(_whole(16)),
     "lung_focus": _choice(LUNG_FOCUS),
+    "lung_focus_margin": _number(-0.1, 0.2),
 }
 
 # Required keys of each section, with the type they must have (nested dicts are checked too).
@@ -157,6 +159,7 @@ SCHEMA: dict[str, Any] = {
         "threads": (str, int),
         "checkpoint_seconds": (int, float),
         "lung_focus": str,
+        "lung_focus_margin": (int, float),
     },
     "models": dict,
     "evaluate": {

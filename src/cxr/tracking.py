@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from cxr import errors
 from cxr.errors import CxrError
 from cxr.files import read_json, write_json
 from cxr.repo import git_commit, repo_root
@@ -288,16 +289,30 @@ def start_run(
                 client.set_terminated(run_id, "FINISHED", end_time=before.end_time)
             return
         with mlflow.start_run(
-            experiment_id=experiment_id,
-            run_name=run_name,
-            tags=tags,
-            parent_run_id=parent,
+            run_id=_new_run(experiment_id, run_name, tags, parent),
             log_system_metrics=system_metrics,
         ) as run:
             yield run
     finally:
         if parent is not None:
             os.environ["MLFLOW_RUN_ID"] = parent
+
+
+def _new_run(experiment_id: str, run_name: str, tags: dict[str, str], parent: str | None) -> str:
+    """A new run's id, with the tags mlflow.start_run would give it (user, source, git), its
+    parent, and its start at the stage process's start when this process is a stage."""
+    import mlflow
+    from mlflow.tracking.context import registry  # pinned: tests/test_private_apis.py
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    own = tags | ({MLFLOW_PARENT_RUN_ID: parent} if parent else {})
+    run = mlflow.MlflowClient().create_run(
+        experiment_id,
+        start_time=errors.stage_started_ms,
+        tags=registry.resolve_tags(own),
+        run_name=run_name,
+    )
+    return run.info.run_id
 
 
 def write_run_record(path: Path, run: Any, **extra: Any) -> None:
