@@ -12,8 +12,10 @@ from cxr.params import ParamsError, load_params, stage_params
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "src" / "cxr"
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-# Modules that cannot change a stage's outputs: terminal noise, error messages, timings.
-NOT_RESULTS = {"console", "errors", "timing"}
+# Modules that cannot change a stage's outputs: terminal noise, error messages, timings, and
+# the table of settings (what params.yaml accepts and its help: an accepted value reaches the
+# stage unchanged), so that editing a help line reruns nothing.
+NOT_RESULTS = {"console", "errors", "timing", "settings"}
 
 
 def cxr_imports(path: Path) -> set[str]:
@@ -57,6 +59,14 @@ def test_code_deps_are_the_stage_scripts_import_chain(stage):
     declared = {d for d in spec["deps"] if isinstance(d, str) and d.startswith("src/")}
     assert not needed - declared, f"{stage} runs code dvc.yaml does not list"
     assert not declared - needed, f"{stage} lists code it never runs (needless reruns)"
+
+
+def test_editing_the_settings_table_reruns_no_stage():
+    """Every stage validates its params through the table (it is in every import chain), and
+    none lists it: a help line or a range edited there changes no stage's dependencies."""
+    for stage, spec in STAGES.items():
+        assert "settings" in import_chain(ROOT / spec["cmd"].split()[1]), stage
+        assert "src/cxr/settings.py" not in spec["deps"], stage
 
 
 def test_a_stage_reads_only_the_params_it_declares(tmp_path):

@@ -8,6 +8,7 @@ from cxr.classes import FOLDER_TO_LABEL, LABEL_TO_FOLDER, LABELS, check_labels
 from cxr.cli import exp_run_command, main, profile_command
 from cxr.errors import CxrError
 from cxr.params import ParamsError, flatten, load_params, with_overrides
+from cxr.settings import MODEL_SETTINGS
 from tests.conftest import ROOT
 
 
@@ -109,6 +110,30 @@ def test_profile_command_reads_an_archive(tmp_path):
     assert f"data.archive={tmp_path.resolve()}" in pairs
     # Its own classes: the three the real dev set has.
     assert 'data.classes=["covid", "normal", "pneumonia"]' in pairs
+
+
+def test_the_settings_page_is_generated_from_the_table_and_current():
+    from cxr import settings
+
+    page = (ROOT / "docs" / "params.md").read_text()
+    assert page == settings.markdown(load_params(ROOT / "params.yaml")), (
+        "docs/params.md is stale: run `python -m cxr.settings > docs/params.md`"
+    )
+    for key, setting in {**settings.SETTINGS, **settings.MODEL_SETTINGS}.items():
+        assert setting.help and "\n" not in setting.help and f"`{key}`" in page, key
+
+
+def test_a_refused_value_is_named_with_what_it_accepts_and_its_help(tmp_path):
+    from cxr.settings import SETTINGS
+
+    params = with_overrides(load_params(ROOT / "params.yaml"), {"train.schedule": "linear"})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ParamsError) as err:
+        load_params(tmp_path / "params.yaml")
+    assert str(err.value) == (
+        "params.yaml: train.schedule is 'linear'; expected one of ['constant', 'cosine']: "
+        f"{SETTINGS['train.schedule'].help}."
+    )
 
 
 def test_with_overrides_copies_and_sets_dotted_keys():
@@ -235,7 +260,8 @@ def test_a_huge_value_is_cut_in_the_message(tmp_path):
     message = str(err.value)
     assert len(message) < 1_100 and "characters cut" in message
     assert message.startswith("params.yaml: models.cnn.pooling is ['max'")
-    assert message.endswith("expected one of ['max', 'avg', 'flatten'].")
+    help_line = MODEL_SETTINGS["pooling"].help
+    assert message.endswith(f"expected one of ['max', 'avg', 'flatten']: {help_line}.")
 
 
 @pytest.mark.parametrize(

@@ -280,7 +280,7 @@ def check_settings(name: str, settings: dict, image_size: int | None = None) -> 
     builder does not take (a typo would be a TypeError deep in the train stage), a
     `weights` that is neither imagenet, none nor a file, a `filters` list that does not fit
     the architecture, or (given the prepared `image_size`) an input too small for it. The
-    values of each key: cxr.params.MODEL_RANGES."""
+    values of each key: cxr.settings.MODEL_SETTINGS."""
     import difflib
     import inspect
 

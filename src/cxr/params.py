@@ -12,185 +12,42 @@ from typing import Any
 
 import yaml
 
+from cxr import settings
 from cxr.classes import check_labels
-from cxr.errors import CxrError
+from cxr.settings import (
+    BALANCE,
+    LUNG_FOCUS,
+    LUNG_METRICS,
+    METRICS,
+    POOLINGS,
+    PROFILES,
+    PRUNERS,
+    SCHEDULES,
+    SHORTCUTS,
+    SOURCES,
+    ParamsError,
+)
 
-SOURCES = ("kaggle", "archive", "synthetic")
-BALANCE = ("undersample", "top-up", "none")
-SCHEDULES = ("constant", "cosine")
-PRUNERS = ("median", "hyperband", "none")
-# The headline test metrics (compare.metric's choices; cxr.metrics names them for reports).
-METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc_macro")
-# The shortcut audit's scores on the test images with only the lungs visible (cxr.evaluate):
-# compare.metric may pick the champion by one of them instead.
-LUNG_METRICS = ("lungs_only_macro_f1", "lungs_only_accuracy")
-LUNG_FOCUS = ("none", "template")
-SHORTCUTS = ("none", "marker")
-POOLINGS = ("max", "avg", "flatten")  # the names of cxr.models.POOLINGS' layers
-
-
-def _whole(low: int, high: int | None = None):
-    def ok(v):
-        return isinstance(v, int) and not isinstance(v, bool) and low <= v <= (high or v)
-
-    return ok, f"a whole number >= {low}" + (f" and <= {high}" if high else "")
-
-
-def _number(low: float, high: float, open_low: bool = False, open_high: bool = False):
-    def ok(v):
-        if not isinstance(v, int | float) or isinstance(v, bool):
-            return False
-        return (low < v if open_low else low <= v) and (v < high if open_high else v <= high)
-
-    return ok, f"a number in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
-
-
-def _choice(options: tuple[str, ...]):
-    return (lambda v: v in options), f"one of {list(options)}"
-
-
-def _optional(rule):
-    ok, expected = rule
-    return (lambda v: v is None or ok(v)), f"null or {expected}"
-
-
-def _whole_list(low: int):
-    ok, expected = _whole(low)
-    return (lambda v: isinstance(v, list) and bool(v) and all(ok(f) for f in v)), (
-        f"a non-empty list of whole numbers >= {low}"
-    )
-
-
-# Ranges of numeric keys: a value outside fails before any work, naming key, value and range.
-RANGES: dict[str, tuple[Any, str]] = {
-    "data.synthetic.per_class": _whole(1),
-    "data.synthetic.image_size": _whole(16),
-    "data.synthetic.findings": _number(0, 10, open_low=True),
-    "prepare.image_size": _whole(16),
-    "prepare.min_size": _whole(1),
-    "prepare.near_duplicate_bits": _whole(0, 64),
-    "prepare.near_duplicate_mad": _number(0, 255),
-    "train.batch_size": _whole(1),
-    "train.epochs": _whole(1),
-    "train.early_stopping_patience": _whole(1),
-    "train.learning_rate": _number(0, 1, open_low=True),
-    "train.augment.rotation": _number(0, 0.5),
-    "train.augment.shift": _number(0, 0.5),
-    "train.augment.zoom": _number(0, 0.9),
-    "train.augment.brightness": _number(0, 1),
-    "train.augment.contrast": _number(0, 1),
-    "train.lung_focus_margin": _number(-0.1, 0.2),
-    "evaluate.batch_size": _whole(1),
-    "evaluate.bootstrap": _whole(1),
-    "evaluate.ci_level": _number(0, 1, open_low=True),
-    "evaluate.calibration_bins": _whole(1),
-    "evaluate.gradcam_per_class": _whole(0),
-    "tune.trials": _whole(1),
-    "tune.epochs": _whole(1),
-}
-
-# Values of the model builders' settings (models.<name>.<key>; which keys each builder takes,
-# and what depends on the architecture, cxr.models.check_settings checks): checked with the
-# rest, so a bad value fails in the first stage, not in train after download and prepare.
-MODEL_RANGES: dict[str, tuple[Any, str]] = {
-    "fine_tune_layers": _whole(0),
-    "dense_units": _whole(1),
-    "dropout": _number(0, 1, open_high=True),
-    "bn_momentum": _number(0, 1),
-    "pooling": _choice(POOLINGS),
-    "filters": _whole_list(1),
-    "input_size": _optional(_whole(16)),
-    "lung_focus": _choice(LUNG_FOCUS),
-    "lung_focus_margin": _number(-0.1, 0.2),
-}
-
-# Required keys of each section, with the type they must have (nested dicts are checked too).
-SCHEMA: dict[str, Any] = {
-    "data": {
-        "source": str,
-        "kaggle_dataset": str,
-        "kaggle_version": (int, type(None)),
-        "archive": (str, type(None)),
-        "topup": (str, type(None)),
-        "topup_dataset": str,
-        "topup_version": (int, type(None)),
-        "topup_archive": (str, type(None)),
-        "synthetic": {
-            "per_class": int,
-            "image_size": int,
-            "seed": int,
-            "findings": float,
-            "shortcut": str,
-        },
-        "classes": list,
-    },
-    "prepare": {
-        "image_size": int,
-        "min_size": int,
-        "near_duplicate_bits": int,
-        "near_duplicate_mad": float,
-        "balance": str,
-        "balance_target": (str, int),
-        "val_fraction": float,
-        "test_fraction": float,
-        "seed": int,
-    },
-    "train": {
-        "models": list,
-        "seed": int,
-        "batch_size": int,
-        "epochs": int,
-        "early_stopping_patience": int,
-        "learning_rate": float,
-        "schedule": str,
-        "imbalance": str,
-        "augment": {
-            "rotation": float,
-            "shift": float,
-            "zoom": float,
-            "brightness": float,
-            "contrast": float,
-            "flip": bool,
-        },
-        "mixed_precision": (str, bool),
-        "jit_compile": (str, bool),
-        "deterministic": (str, bool),
-        "steps_per_execution": (str, int),
-        "threads": (str, int),
-        "checkpoint_seconds": (int, float),
-        "lung_focus": str,
-        "lung_focus_margin": (int, float),
-    },
-    "models": dict,
-    "evaluate": {
-        "batch_size": int,
-        "bootstrap": int,
-        "ci_level": float,
-        "calibration_bins": int,
-        "gradcam_per_class": int,
-        "seed": int,
-    },
-    "compare": {"metric": str},
-    "register": {"model_name": str, "force": bool},
-    "mlflow": {"experiment": str},
-    "tune": {
-        "trials": int,
-        "epochs": int,
-        "pruner": str,
-        "seed": int,
-        "storage": (str, type(None)),
-        "space": dict,
-    },
-    # Profiles: dotted-key overrides that `cxr demo` / `cxr profile NAME` pass to
-    # `dvc exp run --temp -S`, leaving this file as it is.
-    "demo": dict,
-    "real_cpu": dict,
-}
-PROFILES = ("demo", "real_cpu")
-
-
-class ParamsError(CxrError):
-    pass
+# The vocabularies, defined with the table of settings (cxr.settings), used by the code too.
+__all__ = [
+    "BALANCE",
+    "LUNG_FOCUS",
+    "LUNG_METRICS",
+    "METRICS",
+    "POOLINGS",
+    "PROFILES",
+    "PRUNERS",
+    "SCHEDULES",
+    "SHORTCUTS",
+    "SOURCES",
+    "ParamsError",
+    "check_params",
+    "flatten",
+    "load_params",
+    "read_yaml",
+    "stage_params",
+    "with_overrides",
+]
 
 
 def _check(value: Any, schema: Any, where: str) -> None:
@@ -275,28 +132,23 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     return check_params(read_yaml(path) or {})
 
 
+def _value(params: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        params = params[part]
+    return params
+
+
 def check_params(params: dict[str, Any]) -> dict[str, Any]:
-    """Validate params (types, choices, ranges, cross-references); return them."""
-    _check(params, SCHEMA, "")
-    data = params["data"]
-    if data["source"] not in SOURCES:
-        raise ParamsError(
-            f"params.yaml: data.source is {data['source']!r}; expected one of {list(SOURCES)}."
-        )
+    """Validate params: every key's type and allowed values (the table, cxr.settings), then
+    what one setting implies for another; return them."""
+    _check(params, settings.schema(), "")
+    for key, setting in settings.SETTINGS.items():
+        settings.check(key, _value(params, key), setting)
+    data, prep, train = params["data"], params["prepare"], params["train"]
     if data["source"] == "archive" and not data["archive"]:
         raise ParamsError(
             "params.yaml: data.source is 'archive' but data.archive is empty; "
             "set it to a zip file or folder in the Kaggle layout."
-        )
-    if data["topup"] not in (None, "viral", "all"):
-        raise ParamsError(
-            f"params.yaml: data.topup is {data['topup']!r}; expected null (no top-up), "
-            "'viral' (viral pneumonia films only) or 'all' (viral and bacterial, as the study)."
-        )
-    if data["synthetic"]["shortcut"] not in SHORTCUTS:
-        raise ParamsError(
-            f"params.yaml: data.synthetic.shortcut is {data['synthetic']['shortcut']!r}; "
-            f"expected one of {list(SHORTCUTS)}."
         )
     if data["synthetic"]["findings"] != 1 and data["topup"] and data["source"] == "synthetic":
         raise ParamsError(
@@ -310,19 +162,10 @@ def check_params(params: dict[str, Any]) -> dict[str, Any]:
             "only, not in the top-up set's: set data.topup to null with it."
         )
     data["classes"] = check_labels(data["classes"])
-    prep = params["prepare"]
-    if not (
-        0 < prep["val_fraction"] < 1
-        and 0 < prep["test_fraction"] < 1
-        and prep["val_fraction"] + prep["test_fraction"] < 1
-    ):
+    if prep["val_fraction"] + prep["test_fraction"] >= 1:
         raise ParamsError(
             "params.yaml: prepare.val_fraction and prepare.test_fraction must be "
             "in (0, 1) and sum to less than 1."
-        )
-    if prep["balance"] not in BALANCE:
-        raise ParamsError(
-            f"params.yaml: prepare.balance is {prep['balance']!r}; expected one of {list(BALANCE)}."
         )
     if data["topup"] and prep["balance"] != "top-up":  # fetched, then silently unused
         raise ParamsError(
@@ -330,35 +173,6 @@ def check_params(params: dict[str, Any]) -> dict[str, Any]:
             f"{prep['balance']!r}, which does not use the top-up set: set prepare.balance to "
             "top-up, or data.topup to null."
         )
-    train = params["train"]
-    for key, allowed in (
-        ("schedule", SCHEDULES),
-        ("imbalance", ("class_weight", "oversample", "none")),
-        ("lung_focus", LUNG_FOCUS),
-    ):
-        if train[key] not in allowed:
-            raise ParamsError(
-                f"params.yaml: train.{key} is {train[key]!r}; expected one of {list(allowed)}."
-            )
-    for key in ("mixed_precision", "jit_compile", "deterministic"):  # one vocabulary
-        value = train[key]
-        if value not in ("auto", True, False):
-            old = {"on": "true", "off": "false"}.get(str(value).lower())
-            raise ParamsError(
-                f"params.yaml: train.{key} is {value!r}; expected auto, true or false"
-                + (f" (write {old} for {value!r})." if old else ".")
-            )
-    if train["checkpoint_seconds"] < 0:
-        raise ParamsError("params.yaml: train.checkpoint_seconds must be 0 (every epoch) or more.")
-    for key in ("steps_per_execution", "threads"):
-        if train[key] != "auto" and not (isinstance(train[key], int) and train[key] >= 1):
-            raise ParamsError(
-                f"params.yaml: train.{key} is {train[key]!r}; expected auto or a whole number >= 1."
-            )
-    flat = flatten({k: v for k, v in params.items() if k not in PROFILES})
-    for key, (ok, expected) in RANGES.items():
-        if not ok(flat[key]):
-            raise ParamsError(f"params.yaml: {key} is {flat[key]!r}; expected {expected}.")
     target = prep["balance_target"]
     if isinstance(target, str) and target not in data["classes"]:
         raise ParamsError(
@@ -370,25 +184,15 @@ def check_params(params: dict[str, Any]) -> dict[str, Any]:
             f"params.yaml: prepare.balance_target is {target}; expected a whole number of "
             "images >= 1 or a class name."
         )
-    if params["compare"]["metric"] not in METRICS + LUNG_METRICS:
-        raise ParamsError(
-            f"params.yaml: compare.metric is {params['compare']['metric']!r}; expected one of "
-            f"{list(METRICS + LUNG_METRICS)}."
-        )
     for model in params["train"]["models"]:
         if model not in params["models"]:
             raise ParamsError(
                 f"params.yaml: train.models lists {model!r} but models.{model} has no settings; "
                 f"add a 'models.{model}' section (known: {sorted(params['models'])})."
             )
-    for model, settings in params["models"].items():
-        _check_model_training_keys(model, settings, train)
-    tune = params["tune"]
-    if tune["pruner"] not in PRUNERS:
-        raise ParamsError(
-            f"params.yaml: tune.pruner is {tune['pruner']!r}; expected one of {list(PRUNERS)}."
-        )
-    for model in set(tune["space"]) - set(params["models"]):
+    for model, own in params["models"].items():
+        _check_model_training_keys(model, own, train)
+    for model in set(params["tune"]["space"]) - set(params["models"]):
         raise ParamsError(
             f"params.yaml: tune.space.{model} names no model of models "
             f"(known: {sorted(params['models'])})."
@@ -396,35 +200,24 @@ def check_params(params: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-def _check_model_training_keys(model: str, settings: Any, train: dict[str, Any]) -> None:
-    """A model's own training settings (models.<model>.schedule, .augment.<key>, ...) obey
-    train's rules."""
-    if not isinstance(settings, dict):
-        raise ParamsError(f"params.yaml: 'models.{model}' must be a mapping, got {settings!r}.")
-    own = {k: v for k, v in settings.items() if k in train and k != "augment" and v is not None}
-    merged = {**train, **own}  # a null training key is train's
-    augment = settings.get("augment") or {}
+def _check_model_training_keys(model: str, own: Any, train: dict[str, Any]) -> None:
+    """A model's own settings (models.<model>.<key>) obey the table's rules for them, and its
+    own training settings (schedule, augment.<key>, ...) train's."""
+    if not isinstance(own, dict):
+        raise ParamsError(f"params.yaml: 'models.{model}' must be a mapping, got {own!r}.")
+    augment = own.get("augment") or {}
     if not isinstance(augment, dict) or set(augment) - set(train["augment"]):
         raise ParamsError(
             f"params.yaml: models.{model}.augment is {augment!r}; expected a mapping of some "
             f"of {sorted(train['augment'])}."
         )
-    for key, (ok, expected) in MODEL_RANGES.items():
-        if key in settings and not ok(settings[key]):
-            raise ParamsError(
-                f"params.yaml: models.{model}.{key} is {settings[key]!r}; expected {expected}."
-            )
-    merged["augment"] = {**train["augment"], **augment}
-    if merged["schedule"] not in SCHEDULES:
-        raise ParamsError(
-            f"params.yaml: models.{model}.schedule is {merged['schedule']!r}; expected one of "
-            f"{list(SCHEDULES)}."
-        )
-    flat = flatten({"train": merged})
-    for key, (ok, expected) in RANGES.items():
-        if key.startswith("train.") and not ok(flat[key]):
-            own = f"models.{model}.{key.removeprefix('train.')}"
-            raise ParamsError(f"params.yaml: {own} is {flat[key]!r}; expected {expected}.")
+    for key, value in own.items():
+        if key in settings.MODEL_SETTINGS:
+            settings.check(f"models.{model}.{key}", value, settings.MODEL_SETTINGS[key])
+    mine = {k: v for k, v in own.items() if k in train and k != "augment" and v is not None}
+    mine |= {f"augment.{k}": v for k, v in augment.items()}
+    for key, value in mine.items():
+        settings.check(f"models.{model}.{key}", value, settings.SETTINGS[f"train.{key}"])
 
 
 class StageParams(dict):
