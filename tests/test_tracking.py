@@ -86,6 +86,10 @@ def test_mlflow_run_id_becomes_the_parent(local_store, monkeypatch):
     import os
 
     assert os.environ["MLFLOW_RUN_ID"] == parent  # restored for the next stage
+    mlflow.MlflowClient().delete_run(parent)  # refused as mlflow.start_run refuses it
+    refused = pytest.raises(mlflow.exceptions.MlflowException, match="deleted state")
+    with refused, tracking.start_run("cxr-test", "cnn", {}):
+        pass
 
 
 def test_training_runs_can_record_system_metrics(local_store, monkeypatch):

@@ -14,7 +14,8 @@ import yaml
 
 from cxr import settings
 from cxr.classes import check_labels
-from cxr.settings import (
+from cxr.settings import ParamsError
+from cxr.vocabulary import (
     BALANCE,
     LUNG_FOCUS,
     LUNG_METRICS,
@@ -25,10 +26,9 @@ from cxr.settings import (
     SCHEDULES,
     SHORTCUTS,
     SOURCES,
-    ParamsError,
 )
 
-# The vocabularies, defined with the table of settings (cxr.settings), used by the code too.
+# The vocabularies (cxr.vocabulary) are re-exported: the code imports them from here.
 __all__ = [
     "BALANCE",
     "LUNG_FOCUS",

@@ -4,9 +4,10 @@
 docs/params.md is generated from it (`python -m cxr.settings > docs/params.md`; a test keeps
 the page current). The table only says what is accepted: a value it accepts reaches the
 stages unchanged, so no stage depends on this file in dvc.yaml, and editing a help line or a
-range reruns nothing. Checks across settings (a class named by prepare.balance_target, the
-top-up's switches, a model's own keys against its builder) are in cxr.params and
-cxr.models.check_settings.
+range reruns nothing. The names the code acts on (metrics, poolings, profiles, ...) are in
+cxr.vocabulary, which the stages do depend on. Checks across settings (a class named by
+prepare.balance_target, the top-up's switches, a model's own keys against its builder) are
+in cxr.params and cxr.models.check_settings.
 """
 
 from __future__ import annotations
@@ -17,22 +18,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from cxr.errors import CxrError
-
-SOURCES = ("kaggle", "archive", "synthetic")
-BALANCE = ("undersample", "top-up", "none")
-SCHEDULES = ("constant", "cosine")
-PRUNERS = ("median", "hyperband", "none")
-# The headline test metrics (compare.metric's choices; cxr.metrics names them for reports).
-METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc_macro")
-# The lung audit's scores with only the lungs visible (cxr.evaluate): compare.metric may
-# pick the champion by one of them instead.
-LUNG_METRICS = ("lungs_only_macro_f1", "lungs_only_accuracy")
-LUNG_FOCUS = ("none", "template")
-SHORTCUTS = ("none", "marker")
-POOLINGS = ("max", "avg", "flatten")  # the names of cxr.models.POOLINGS' layers
-# Profiles: dotted-key overrides that `cxr demo` / `cxr profile NAME` pass to
-# `dvc exp run --temp -S`, leaving params.yaml as it is.
-PROFILES = ("demo", "real_cpu")
+from cxr.vocabulary import (
+    BALANCE,
+    LUNG_FOCUS,
+    LUNG_METRICS,
+    METRICS,
+    POOLINGS,
+    PROFILES,
+    PRUNERS,
+    SCHEDULES,
+    SHORTCUTS,
+    SOURCES,
+)
 
 NUMBER = float  # a kind: any number, whole or not (YAML writes 1 and 1.0 alike)
 NONE = type(None)
@@ -47,6 +44,11 @@ class Setting:
     kind: Any  # the YAML type(s) the value must have: str, int, NUMBER, bool, list, dict, NONE
     allowed: tuple[Callable[[Any], bool], str] | None  # (test, what it accepts in words)
     help: str
+
+    @property
+    def accepts(self) -> str:
+        """What the setting accepts, in words (docs/params.md)."""
+        return self.allowed[1] if self.allowed else _kind_words(self.kind)
 
 
 def whole(low: int, high: int | None = None):
@@ -282,9 +284,8 @@ def markdown(params: dict[str, Any]) -> str:
         "|---|---|---|---|",
     ]
     for key, s in SETTINGS.items():
-        accepts = s.allowed[1] if s.allowed else _kind_words(s.kind)
         value = _cell(flat[key]) if key in flat else ""
-        lines.append(f"| `{key}` | {value} | {accepts} | {s.help} |")
+        lines.append(f"| `{key}` | {value} | {s.accepts} | {s.help} |")
     lines += [
         "",
         "## A model's settings (`models.<name>.<key>`)",
@@ -295,8 +296,7 @@ def markdown(params: dict[str, Any]) -> str:
         "|---|---|---|",
     ]
     for key, s in MODEL_SETTINGS.items():
-        accepts = s.allowed[1] if s.allowed else _kind_words(s.kind)
-        lines.append(f"| `{key}` | {accepts} | {s.help} |")
+        lines.append(f"| `{key}` | {s.accepts} | {s.help} |")
     return "\n".join(lines) + "\n"
 
 

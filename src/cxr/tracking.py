@@ -305,8 +305,14 @@ def _new_run(experiment_id: str, run_name: str, tags: dict[str, str], parent: st
     from mlflow.tracking.context import registry  # pinned: tests/test_private_apis.py
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+    client = mlflow.MlflowClient()
+    if parent and client.get_run(parent).info.lifecycle_stage == "deleted":  # as start_run
+        raise mlflow.exceptions.MlflowException(
+            f"Cannot start run under parent run with ID {parent} because it is in the deleted "
+            "state."
+        )
     own = tags | ({MLFLOW_PARENT_RUN_ID: parent} if parent else {})
-    run = mlflow.MlflowClient().create_run(
+    run = client.create_run(
         experiment_id,
         start_time=errors.stage_started_ms,
         tags=registry.resolve_tags(own),
