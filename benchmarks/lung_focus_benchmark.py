@@ -84,7 +84,7 @@ def main() -> None:
 
     import keras  # after argparse: --help stays fast
 
-    from cxr.evaluate import lung_audit
+    from cxr.lung_audit import lung_audit
     from cxr.fit import accelerator_settings, fit, settings_for
     from cxr.prepare import prepare
 

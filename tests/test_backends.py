@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cxr.augment import RandomRadiograph
-from cxr.evaluate import grad_cam
+from cxr.lung_audit import grad_cam
 from cxr.models import build_model
 from tests.conftest import ROOT
 from tests.test_augment import EVERYTHING, injected
@@ -70,7 +70,7 @@ OTHER_SIDE = textwrap.dedent("""
     import sys
     import keras, numpy as np
     from cxr.augment import RandomRadiograph
-    from cxr.evaluate import grad_cam
+    from cxr.lung_audit import grad_cam
     from tests.test_augment import EVERYTHING
     data, out = np.load(sys.argv[1]), {}
     for name in ("cnn4_bn", "resnet50v2"):

@@ -175,7 +175,7 @@ def no_creds(tmp_path, monkeypatch):
 
 
 def test_credentials_are_found_where_the_locked_client_reads_them(no_creds, monkeypatch):
-    from cxr.download import kaggle_credentials
+    from cxr.kaggle_client import kaggle_credentials
 
     home = no_creds
     assert kaggle_credentials() is None
@@ -212,11 +212,11 @@ def fake_http(monkeypatch, status: int) -> list[str]:
 
 
 def test_the_real_client_without_credentials_says_so_in_one_line(no_creds, monkeypatch, capsys):
-    from cxr.download import NO_CREDENTIALS, _kaggle_api
+    from cxr.kaggle_client import NO_CREDENTIALS, kaggle_api
 
     fake_http(monkeypatch, 500)
     with pytest.raises(DownloadError) as caught:
-        _kaggle_api()
+        kaggle_api()
     assert str(caught.value) == NO_CREDENTIALS
     assert capsys.readouterr().out == ""  # the client's own help (and exit(1)) stay out
 
@@ -224,12 +224,12 @@ def test_the_real_client_without_credentials_says_so_in_one_line(no_creds, monke
 def test_the_real_client_turning_a_token_down_gives_the_projects_message(
     no_creds, monkeypatch, capsys
 ):
-    from cxr.download import _kaggle_api
+    from cxr.kaggle_client import kaggle_api
 
     monkeypatch.setenv("KAGGLE_API_TOKEN", "expired-token")
     seen = fake_http(monkeypatch, 403)
     with pytest.raises(DownloadError, match="did not accept the credentials from KAGGLE_API_"):
-        _kaggle_api()
+        kaggle_api()
     assert any("ntrospect" in url for url in seen)  # the client really asked Kaggle
     assert "expired-token" not in capsys.readouterr().out
 
@@ -247,7 +247,7 @@ def test_http_errors_are_translated(tmp_path, creds, code, message):
 
 @needs_sample
 def test_network_errors_are_retried(tmp_path, creds, sample_zip, monkeypatch):
-    monkeypatch.setattr("cxr.download.time.sleep", lambda s: None)
+    monkeypatch.setattr("cxr.kaggle_client.time.sleep", lambda s: None)
     api = FakeKaggleApi(sample_zip, [requests.ConnectionError("reset"), requests.Timeout("slow")])
     info = run_kaggle(tmp_path, api)
     assert len(api.calls) == 3 and info["files"]["COVID"] == 40
@@ -255,7 +255,7 @@ def test_network_errors_are_retried(tmp_path, creds, sample_zip, monkeypatch):
 
 @pytest.mark.parametrize("failure", [requests.ConnectionError("down"), KeyboardInterrupt()])
 def test_interrupted_download_leaves_nothing(tmp_path, creds, monkeypatch, failure):
-    monkeypatch.setattr("cxr.download.time.sleep", lambda s: None)
+    monkeypatch.setattr("cxr.kaggle_client.time.sleep", lambda s: None)
     api = FakeKaggleApi(None, [failure] * 4)
     with pytest.raises((DownloadError, KeyboardInterrupt)) as err:
         run_kaggle(tmp_path, api)
@@ -558,9 +558,9 @@ def test_the_version_lookup_offline_is_one_line_after_the_retries(
 ):
     """`kaggle_version: null` looks the version up first: offline, the same retry policy
     and one line as the download, not a traceback."""
-    from cxr.download import latest_version
+    from cxr.kaggle_client import latest_version
 
-    monkeypatch.setattr("cxr.download.time.sleep", lambda s: None)
+    monkeypatch.setattr("cxr.kaggle_client.time.sleep", lambda s: None)
     api = FakeKaggleApi(None)
 
     def offline(*args, **kwargs):
@@ -578,7 +578,7 @@ def test_the_version_lookup_offline_is_one_line_after_the_retries(
 def test_bytes_kept_from_an_earlier_run_do_not_cut_the_retries_short(tmp_path, creds, monkeypatch):
     """A partial from an earlier run in the cache, and the network down before any new byte:
     4 attempts as always (not "broke off"), and the partial stays for the next run."""
-    monkeypatch.setattr("cxr.download.time.sleep", lambda s: None)
+    monkeypatch.setattr("cxr.kaggle_client.time.sleep", lambda s: None)
     part = tmp_path / "cache" / ".tawsifurrahman__covid19-radiography-database__v7.zip.part"
     part.mkdir(parents=True)
     (part / "covid19-radiography-database.zip").write_bytes(b"PK" + bytes(5000))

@@ -52,7 +52,7 @@ def test_mlflow_still_resolves_a_new_runs_context_tags_in_its_registry():
 
 
 def test_a_nested_models_output_is_not_a_tensor_of_the_outer_graph():
-    """Grad-CAM (cxr.evaluate.grad_cam) takes a nested base model's feature map from Keras'
+    """Grad-CAM (cxr.lung_audit.grad_cam) takes a nested base model's feature map from Keras'
     private `_inbound_nodes`: the public `layer.output` of a nested model is its own graph's
     output, not connected to the outer model's inputs, and Keras 3 has no `get_output_at`.
     When building from `.output` works, switch Grad-CAM to it."""
@@ -81,13 +81,13 @@ def test_jax_still_says_whether_its_backends_have_started():
 
 
 def test_optuna_still_lets_a_dead_workers_trial_be_failed_through_its_storage(tmp_path):
-    """cxr.tune.fail_dead_trials fails a killed worker's RUNNING trial through the study's
+    """cxr.tune_worker.fail_dead_trials fails a killed worker's RUNNING trial through the study's
     private `_storage` and the trial's `_trial_id` (Optuna has no public call for another
     process's trial), on the journal storage cxr.tune opens."""
     import optuna
     from optuna.trial import TrialState
 
-    from cxr.tune import open_storage
+    from cxr.tune_worker import open_storage
 
     study = optuna.create_study(storage=open_storage(None, tmp_path / "journal.log"))
     trial = study.ask()  # RUNNING, as a worker leaves it when killed

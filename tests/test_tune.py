@@ -43,7 +43,8 @@ def test_a_bad_search_space_is_named_before_any_trial(key, spec, message):
 def test_every_shipped_search_space_is_valid_and_suggests_params_keys():
     import optuna
 
-    from cxr.tune import check_space, suggest
+    from cxr.tune import check_space
+    from cxr.tune_worker import suggest
 
     params = load_params(ROOT / "params.yaml")
     for model in params["tune"]["space"]:

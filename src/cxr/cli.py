@@ -245,7 +245,7 @@ def tune(args: argparse.Namespace) -> int:
 
 def kaggle_version(args: argparse.Namespace) -> int:
     """Print the current version number of params.yaml's data.kaggle_dataset."""
-    from cxr.download import latest_version
+    from cxr.kaggle_client import latest_version
 
     print(latest_version(load_params()["data"]["kaggle_dataset"]))
     return 0

@@ -26,6 +26,14 @@ class CxrError(Exception):
         super().__init__(text)
 
 
+class DownloadError(CxrError):
+    """A dataset could not be fetched or unpacked (cxr.download and the modules it uses)."""
+
+
+class CorruptArchive(DownloadError):
+    """The zip itself is damaged (not its layout): a cached download is fetched again."""
+
+
 def run_stage(main: Callable[[], object]) -> None:
     """Run a stage's main: a CxrError is one line on stderr (exit status 2); SIGTERM cleans
     up as Ctrl-C does (every `finally` runs: temporaries removed), exit status 143."""

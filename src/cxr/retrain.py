@@ -69,7 +69,7 @@ def check(env: Mapping[str, str], params: Mapping[str, Any]) -> None:
             f"champion; add the secret in {SECRETS_PAGE} (the team's MLflow server or database)."
         )
     if params["data"]["source"] == "kaggle":
-        from cxr.download import kaggle_credentials
+        from cxr.kaggle_client import kaggle_credentials
 
         if not env.get("KAGGLE_API_TOKEN") and not kaggle_credentials():
             raise CxrError(
@@ -88,7 +88,7 @@ def version(params: Mapping[str, Any], env: Mapping[str, str], lookup=None) -> i
     if pinned is not None and env.get("KAGGLE_FOLLOW_LATEST", "true").lower() == "false":
         return int(pinned)
     if lookup is None:
-        from cxr.download import latest_version as lookup
+        from cxr.kaggle_client import latest_version as lookup
     return lookup(data["kaggle_dataset"])
 
 

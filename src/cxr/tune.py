@@ -6,7 +6,8 @@ one machine), or a database URL (`tune.storage`, or $CXR_TUNE_STORAGE, which win
 workers on several machines fill together. Each trial fits one configuration with
 `cxr.fit.fit` on the train split and scores it on the validation split (the test split is
 never read): the objective is the best validation loss, the validation accuracy of that
-epoch beside it. A pruner stops a trial whose per-epoch validation loss falls behind.
+epoch beside it. A pruner stops a trial whose per-epoch validation loss falls behind. The
+workers that run the trials: cxr.tune_worker.
 
 MLflow: one parent run per study (found again when the study resumes), one nested run per
 trial (its params, per-epoch validation metrics, its state). The best configuration goes to
@@ -19,18 +20,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
-import keras
 import yaml
 
 from cxr.errors import CxrError
 from cxr.params import ParamsError, check_params, with_overrides
+from cxr.tune_worker import fail_dead_trials, make_pruner, open_storage, run_worker
 
 STORAGE_ENV = "CXR_TUNE_STORAGE"
 RANGE_KEYS = {"low", "high", "log", "step"}
@@ -85,23 +85,6 @@ def check_space(params: dict[str, Any], model: str) -> dict[str, Any]:
     return space
 
 
-def suggest(trial, model: str, space: dict[str, Any]) -> dict[str, Any]:
-    """The trial's values, as dotted params keys (models.<model>.<key>)."""
-    chosen = {}
-    for key, spec in space.items():
-        if isinstance(spec, list):  # Optuna's choices must be scalars: lists go as JSON
-            texts = [json.dumps(c) for c in spec]
-            value = json.loads(trial.suggest_categorical(key, texts))
-        elif all(isinstance(spec[k], int) for k in ("low", "high")) and not spec.get("log"):
-            value = trial.suggest_int(key, spec["low"], spec["high"], step=spec.get("step", 1))
-        else:
-            value = trial.suggest_float(
-                key, spec["low"], spec["high"], log=spec.get("log", False), step=spec.get("step")
-            )
-        chosen[f"models.{model}.{key}"] = value
-    return chosen
-
-
 def study_name(model: str, fingerprint: str, space: dict, base: dict[str, Any]) -> str:
     """The study a search belongs to: the model, the data, the space and every setting a
     trial starts from (a different profile or space is a new study, never a mix)."""
@@ -111,201 +94,8 @@ def study_name(model: str, fingerprint: str, space: dict, base: dict[str, Any]) 
     return f"cxr-{model}-{fingerprint[:8]}-{digest[:8]}"
 
 
-# --- storage -----------------------------------------------------------------------------
-
-
 def storage_url(params: dict[str, Any]) -> str | None:
     return os.environ.get(STORAGE_ENV) or params["tune"]["storage"]
-
-
-def open_storage(url: str | None, journal: Path):
-    """Optuna's storage: a database URL (with heartbeats: a dead worker's trial is failed
-    after 3 minutes), or the journal file (one machine: see fail_dead_trials)."""
-    import optuna
-    from optuna.storages.journal import JournalFileBackend
-
-    if url:
-        return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=180)
-    journal.parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.JournalStorage(JournalFileBackend(str(journal)))
-
-
-def fail_dead_trials(study) -> list[int]:
-    """Trials left running by a worker of this machine that no longer runs (killed): failed,
-    so that the study goes on without them, and their MLflow runs ended KILLED. Another
-    machine's are its own (a database's heartbeats fail them)."""
-    import mlflow
-    from optuna.trial import TrialState
-
-    from cxr.processes import alive
-
-    failed = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
-        if host == socket.gethostname() and pid.isdigit() and not alive(int(pid)):
-            # private: pinned by tests/test_private_apis.py
-            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-            failed.append(trial.number)
-            if run_id := trial.user_attrs.get("mlflow_run_id"):
-                client = mlflow.MlflowClient()
-                client.set_tag(run_id, "cxr.tune.state", "killed")
-                client.set_terminated(run_id, "KILLED")
-    return failed
-
-
-def make_pruner(name: str, epochs: int):
-    import optuna
-
-    if name == "median":  # from epoch 2 on (one epoch says little), against finished trials
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2)
-    if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs)
-    return optuna.pruners.NopPruner()
-
-
-# --- a worker ----------------------------------------------------------------------------
-
-
-class Reporter(keras.callbacks.Callback):
-    """Each epoch's validation loss to the trial (pruning it when the pruner says so), and
-    the epoch's figures to the trial's MLflow run."""
-
-    def __init__(self, trial):
-        super().__init__()
-        self.trial = trial
-
-    def on_epoch_end(self, epoch, logs=None):
-        import mlflow
-        import optuna
-
-        logs = {k: float(v) for k, v in (logs or {}).items() if k != "learning_rate"}
-        mlflow.log_metrics(logs, step=epoch + 1)
-        self.trial.report(logs["val_loss"], epoch + 1)
-        if self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}")
-
-
-def run_worker(job: dict[str, Any]) -> None:
-    """Run trials of study job["name"] until it holds job["trials"] finished (complete or
-    pruned). `job`: what `tune` hands each worker (JSON, for worker processes): params,
-    model, prepared, name, url, journal, trials, parent (MLflow run), threads, seed."""
-    import keras
-    import mlflow
-    import numpy as np
-    import optuna
-
-    from cxr import tracking
-    from cxr.fit import accelerator_settings, fit, settings_for
-    from cxr.prepared import split_arrays
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    params, model, name, parent = job["params"], job["model"], job["name"], job["parent"]
-    space = params["tune"]["space"][model]
-    budget = params["tune"]["epochs"]
-    base_cfg, _ = settings_for(model, params)
-    accel = accelerator_settings({**base_cfg, "threads": job["threads"]})
-    prepared = Path(job["prepared"])
-    train = split_arrays(prepared, "train")[:2]
-    x_val, y_val, summary = split_arrays(prepared, "val")
-    study = optuna.load_study(
-        study_name=name,
-        storage=open_storage(job["url"], Path(job["journal"])),
-        sampler=optuna.samplers.TPESampler(seed=job["seed"]),
-        pruner=make_pruner(params["tune"]["pruner"], budget),
-    )
-    mlflow.set_tracking_uri(tracking.tracking_uri())
-    experiment_id = tracking.setup_experiment(params["mlflow"]["experiment"])
-
-    def objective(trial) -> float:
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        overrides = suggest(trial, model, space)
-        cfg, builder_cfg = settings_for(model, with_overrides(params, overrides))
-        cfg["epochs"] = budget
-        keras.backend.clear_session()
-        tags = {
-            "cxr.stage": f"tune@{model}",
-            "cxr.tune.study": name,
-            "cxr.tune.trial": str(trial.number),
-            "cxr.group": tracking.execution_group(),
-        }
-        pruned = None
-        with mlflow.start_run(
-            experiment_id=experiment_id,
-            run_name=f"tune@{model} trial {trial.number}",
-            tags=tags,
-            parent_run_id=parent,
-            nested=True,  # under the parent, active in `tune`'s process
-        ) as run:  # an exception ends it FAILED; a pruned trial's run ends FINISHED
-            trial.set_user_attr("mlflow_run_id", run.info.run_id)
-            mlflow.log_params({k.split(".", 2)[2]: v for k, v in overrides.items()})
-            mlflow.set_tag("cxr.tune.state", "failed")  # until it ends otherwise
-            try:
-                fitted = fit(
-                    model, cfg, builder_cfg, train, (x_val, y_val), len(summary["classes"]), accel,
-                    callbacks=[Reporter(trial)], progress=False,
-                )  # fmt: skip
-            except optuna.TrialPruned as err:
-                mlflow.set_tag("cxr.tune.state", "pruned")
-                pruned = err
-            else:
-                history = fitted.history
-                best = int(np.argmin(history["val_loss"]))
-                trial.set_user_attr("val_accuracy", history["val_accuracy"][best])
-                trial.set_user_attr("epochs", len(history["val_loss"]))
-                mlflow.log_metrics(
-                    {
-                        "best_val_loss": history["val_loss"][best],
-                        "best_val_accuracy": history["val_accuracy"][best],
-                    }
-                )
-                mlflow.set_tag("cxr.tune.state", "complete")
-        if pruned is not None:
-            raise pruned
-        return history["val_loss"][best]
-
-    study.optimize(
-        objective,
-        callbacks=[
-            optuna.study.MaxTrialsCallback(
-                job["trials"],
-                states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED),
-            ),
-            progress_line(model),
-        ],
-        catch=(),
-    )
-
-
-def progress_line(model: str):
-    """An Optuna callback: one line per finished trial, and the best so far."""
-
-    def line(study, trial) -> None:
-        from optuna.trial import TrialState
-
-        params = ", ".join(f"{k} {_short(v)}" for k, v in trial.params.items())
-        if trial.state == TrialState.COMPLETE:
-            what = (
-                f"val_loss {trial.value:.4f}, val_accuracy "
-                f"{trial.user_attrs.get('val_accuracy', float('nan')):.4f}"
-            )
-        else:
-            what = trial.state.name.lower()
-            if trial.state == TrialState.PRUNED and trial.intermediate_values:
-                last = max(trial.intermediate_values)
-                what += f" after epoch {last} (val_loss {trial.intermediate_values[last]:.4f})"
-        try:
-            best = f"best: trial {study.best_trial.number}, {study.best_value:.4f}"
-        except ValueError:
-            best = "best: none yet"
-        print(f"tune@{model} trial {trial.number}: {what} | {params} | {best}", flush=True)
-
-    return line
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, str):  # a choice, JSON-encoded for Optuna
-        value = json.loads(value)
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 # --- the command -------------------------------------------------------------------------
@@ -414,12 +204,12 @@ def _finished(study) -> int:
 
 
 def _spawn_workers(jobs: list[dict[str, Any]]) -> None:
-    """A process per job (`python -m cxr.tune JOB`); they die with this process."""
+    """A process per job (`python -m cxr.tune_worker JOB`); they die with this process."""
     from cxr.processes import worker_dies_with_parent
 
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "cxr.tune", json.dumps(job)],
+            [sys.executable, "-m", "cxr.tune_worker", json.dumps(job)],
             preexec_fn=worker_dies_with_parent,
         )
         for job in jobs
@@ -551,10 +341,3 @@ def read_tuned(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CxrError(f"{path} not found: run `cxr tune {path.stem}` first.")
     return yaml.safe_load(path.read_text())
-
-
-if __name__ == "__main__":  # a worker of `cxr tune --workers N`
-    from cxr.console import quiet
-
-    quiet()
-    run_worker(json.loads(sys.argv[1]))
