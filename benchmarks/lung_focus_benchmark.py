@@ -84,10 +84,6 @@ def main() -> None:
 
     import keras  # after argparse: --help stays fast
 
-    from cxr.lung_audit import lung_audit
-    from cxr.fit import accelerator_settings, fit, settings_for
-    from cxr.prepare import prepare
-
     root = args.archive / DATASET_DIR if (args.archive / DATASET_DIR).is_dir() else args.archive
     present = sorted(FOLDER_TO_LABEL[p.name] for p in root.iterdir() if p.name in FOLDER_TO_LABEL)
     params = with_overrides(load_params(), load_params()[args.profile])
@@ -95,21 +91,14 @@ def main() -> None:
     for item in args.set:
         key, _, value = item.partition("=")
         params = with_overrides(params, {key: yaml.safe_load(value)})
-    work = Path(tempfile.mkdtemp(prefix="lung-focus-"))
-    try:
-        prepare(args.archive, [], present, params["prepare"], work / "prepared")
-        x_train, y_train, summary = split_arrays(work / "prepared", "train")
-        x_val, y_val, _ = split_arrays(work / "prepared", "val")
-        masks, where = split_masks(work / "prepared", "val")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    classes, k = summary["classes"], len(summary["classes"])
-    region = "own masks" if all(w == "file" for w in where) else "template"
+    data = prepared_splits(args.archive, present, params)
+    x_train, x_val, summary = data["x_train"], data["x_val"], data["summary"]
+    region = "own masks" if all(w == "file" for w in data["mask_from"]) else "template"
     facts = machine.facts()  # read once: the printed header and the JSON say the same
     print(f"# {machine.header(f=facts)}; overrides: {args.set or 'none'}")
     print(
         f"# {args.archive}: {len(x_train)} train / {len(x_val)} validation images at "
-        f"{summary['image_size']} px, classes {classes}; audit lungs: {region}\n"
+        f"{summary['image_size']} px, classes {summary['classes']}; audit lungs: {region}\n"
     )
     # (label, margin): None is no focus.
     focuses = [("none", None)] * ("none" in args.focus) + [
@@ -117,58 +106,109 @@ def main() -> None:
         for m in (args.margins or [params["train"]["lung_focus_margin"]])
         if "template" in args.focus
     ]
-    regions = {"": masks, "shifted_": shifted_masks(len(x_val), x_val.shape[1])}
+    data["regions"] = {"": data["masks"], "shifted_": shifted_masks(len(x_val), x_val.shape[1])}
     rows = []
-    views = {f"{r}{v}": a for r, m in regions.items() for v, a in audit_inputs(x_val, m).items()}
-    del views["shifted_intact"]
     for label, margin in focuses:
-
-        def prep(a, margin=margin):
-            return a if margin is None else focus_array(a, margin)
-
-        preds = fit_predict(
-            "logistic_regression", prep(x_train), y_train, [prep(v) for v in views.values()]
-        )
-        rows.append(
-            {
-                "name": "logistic_regression",
-                "focus": label,
-                "pred": preds[0],
-                **{v: accuracy(y_val, p, k) for v, p in zip(views, preds, strict=True)},
-            }
-        )
+        rows.append(baseline_row(data, label, margin))
         for name in args.models:
-            focus = {"train.lung_focus": "none" if margin is None else "template"}
-            p = with_overrides(params, focus | {"train.lung_focus_margin": margin or 0.0})
             print(f"# fitting {name}, lung focus {label}", flush=True)
-            cfg, builder = settings_for(name, p)
-            if args.epochs:
-                cfg["epochs"] = min(cfg["epochs"], args.epochs)
-            accel = accelerator_settings(cfg)
-            t0 = time.perf_counter()
-            result = fit(
-                name, cfg, builder, (x_train, y_train), (x_val, y_val), k, accel, progress=False
-            )
-            seconds = time.perf_counter() - t0
-            pred = result.model.predict(x_val, verbose=0).argmax(axis=1)
-            row = {
-                "name": name,
-                "focus": label,
-                "pred": pred,
-                "seconds": seconds,
-                "epochs": len(result.history["loss"]),
-                "train_accuracy": result.history["accuracy"][-1],
-                "intact": accuracy(y_val, pred, k),
-            }
-            for where, lungs in regions.items():
-                audit, audit_probs, _ = lung_audit(
-                    result.model, x_val, y_val, lungs, classes, params["evaluate"]
-                )
-                row[f"{where}gradcam_lung_share"] = audit["gradcam_lung_share"]
-                for v in ("lungs_hidden", "lungs_only"):
-                    row[f"{region}{v}"] = accuracy(y_val, audit_probs[v].argmax(axis=1), k)
-            rows.append(row)
+            rows.append(model_row(name, params, data, label, margin, args.epochs))
             keras.backend.clear_session()
+    print_table(rows, data["y_val"], region)
+    if args.out:
+        for r in rows:
+            r["pred"] = r["pred"].tolist()
+        args.out.write_text(
+            json.dumps({"machine": facts, "region": region, "rows": rows}, indent=2)
+        )
+
+
+def prepared_splits(archive: Path, classes: list[str], params: dict) -> dict:
+    """The archive prepared as the profile prepares it (in a temporary folder, removed):
+    train and validation images and labels, the validation lung masks and where each came
+    from, the prepared data's summary."""
+    from cxr.prepare import prepare
+
+    work = Path(tempfile.mkdtemp(prefix="lung-focus-"))
+    try:
+        prepare(archive, [], classes, params["prepare"], work / "prepared")
+        x_train, y_train, summary = split_arrays(work / "prepared", "train")
+        x_val, y_val, _ = split_arrays(work / "prepared", "val")
+        masks, mask_from = split_masks(work / "prepared", "val")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {
+        "x_train": x_train, "y_train": y_train, "x_val": x_val, "y_val": y_val,
+        "masks": masks, "mask_from": mask_from, "summary": summary,
+    }  # fmt: skip
+
+
+def baseline_row(data: dict, label: str, margin: float | None) -> dict:
+    """Logistic regression on the pixels (lung-focused with `margin`; None: no focus), scored
+    on the validation images intact and in each region's audit views."""
+    x_val, y_val, k = data["x_val"], data["y_val"], len(data["summary"]["classes"])
+    views = {
+        f"{r}{v}": a for r, m in data["regions"].items() for v, a in audit_inputs(x_val, m).items()
+    }
+    del views["shifted_intact"]
+
+    def prep(a):
+        return a if margin is None else focus_array(a, margin)
+
+    x_train = prep(data["x_train"])
+    preds = fit_predict(
+        "logistic_regression", x_train, data["y_train"], list(map(prep, views.values()))
+    )
+    return {
+        "name": "logistic_regression",
+        "focus": label,
+        "pred": preds[0],
+        **{v: accuracy(y_val, p, k) for v, p in zip(views, preds, strict=True)},
+    }
+
+
+def model_row(name, params, data, label, margin, epochs) -> dict:
+    """`name` fitted as the train stage fits it with the focus asked for, scored on the
+    validation images intact and audited (cxr.lung_audit) with each region's lungs."""
+    from cxr.fit import accelerator_settings, fit, settings_for
+    from cxr.lung_audit import lung_audit
+
+    x_val, y_val = data["x_val"], data["y_val"]
+    classes = data["summary"]["classes"]
+    k = len(classes)
+    focus = {"train.lung_focus": "none" if margin is None else "template"}
+    p = with_overrides(params, focus | {"train.lung_focus_margin": margin or 0.0})
+    cfg, builder = settings_for(name, p)
+    if epochs:
+        cfg["epochs"] = min(cfg["epochs"], epochs)
+    accel = accelerator_settings(cfg)
+    t0 = time.perf_counter()
+    result = fit(
+        name, cfg, builder, (data["x_train"], data["y_train"]), (x_val, y_val), k, accel,
+        progress=False,
+    )  # fmt: skip
+    seconds = time.perf_counter() - t0
+    pred = result.model.predict(x_val, verbose=0).argmax(axis=1)
+    row = {
+        "name": name,
+        "focus": label,
+        "pred": pred,
+        "seconds": seconds,
+        "epochs": len(result.history["loss"]),
+        "train_accuracy": result.history["accuracy"][-1],
+        "intact": accuracy(y_val, pred, k),
+    }
+    for where, lungs in data["regions"].items():
+        audit, audit_probs, _ = lung_audit(
+            result.model, x_val, y_val, lungs, classes, params["evaluate"]
+        )
+        row[f"{where}gradcam_lung_share"] = audit["gradcam_lung_share"]
+        for v in ("lungs_hidden", "lungs_only"):
+            row[f"{where}{v}"] = accuracy(y_val, audit_probs[v].argmax(axis=1), k)
+    return row
+
+
+def print_table(rows: list[dict], y_val: np.ndarray, region: str) -> None:
     lr = {r["focus"]: r for r in rows if r["name"] == "logistic_regression"}
 
     def cell(v):
@@ -189,12 +229,6 @@ def main() -> None:
             f"| {cell(r['lungs_only'])} | {cell(r['shifted_lungs_hidden'])} "
             f"| {cell(r['shifted_lungs_only'])} | {'' if share is None else f'{share:.2f}'} "
             f"| {versus} | {r.get('epochs', '')} | {r.get('seconds', 0):.0f} |"
-        )
-    if args.out:
-        for r in rows:
-            r["pred"] = r["pred"].tolist()
-        args.out.write_text(
-            json.dumps({"machine": facts, "region": region, "rows": rows}, indent=2)
         )
 
 

@@ -163,10 +163,42 @@ def main() -> None:
     scratch = args.workdir / f"{name}-prepare"
     x_train, y_train, x_test, y_test, test_paths, summary = same_split(params, scratch)
     classes = summary["classes"]
+    rows, predictions = baseline_rows(params, x_train, y_train, x_test, y_test, summary)
+    for model in params["train"]["models"]:
+        row, predictions[model] = model_row(ref, model, classes, test_paths, stages)
+        rows.append(row)
+    add_scores(rows, predictions, y_test, len(classes), params["evaluate"])
+    shutil.rmtree(scratch, ignore_errors=True)
 
+    total = lines[-1][0]
+    champion = json.loads(git_show(ref, "reports/compare/summary.json"))["champion"]
+    print(f"\n# real radiographs: {args.archive}, profile {args.profile}, classes {classes}")
+    print(
+        f"# {len(x_train)} train / {len(y_test)} test images at {summary['image_size']} px; "
+        f"pipeline {total / 60:.1f} min\n# {machine.header()}\n"
+    )
+    print(
+        f"# lung focus: {params['train']['lung_focus']}; audit lungs: "
+        f"{'the test images own masks' if summary['lung_masks'] else 'the lung template'}\n"
+    )
+    print_table(rows, champion)
+    verdict = say_verdict(rows, champion)
+    print(f"Outputs (Grad-CAM overlays included): {outputs}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        figures = {"experiment": name, "command": command, "seconds": total, "rows": rows}
+        args.out.write_text(json.dumps({**figures, "verdict": verdict}, indent=2))
+    if not args.keep:
+        subprocess.run(["dvc", "exp", "remove", name], check=False, capture_output=True)
+
+
+def baseline_rows(params, x_train, y_train, x_test, y_test, summary) -> tuple[list, dict]:
+    """(a row per pixel baseline, their test predictions): each fitted on the training split
+    and scored on the test images intact and in the audit's views (lung-focused as the
+    models are, with `train.lung_focus: template`)."""
     ev = params["evaluate"]
-    rows = []
-    predictions = {}
+    n_classes = len(summary["classes"])
+    rows, predictions = [], {}
     views = audit_inputs(x_test, summary["test_masks"])
     if params["train"]["lung_focus"] == "template":  # the baselines see what the models see
         margin = params["train"]["lung_focus_margin"]
@@ -178,60 +210,45 @@ def main() -> None:
         predictions[baseline] = seen[0]
         audit = {}
         for view, pred in zip(list(views)[1:], seen[1:], strict=True):
-            ci = intervals(y_test, pred, len(classes), ev["bootstrap"], ev["ci_level"], ev["seed"])
+            ci = intervals(y_test, pred, n_classes, ev["bootstrap"], ev["ci_level"], ev["seed"])
             audit[view] = (float((pred == y_test).mean()), *ci["accuracy"])
-        rows.append(
-            {
-                "name": baseline,
-                "kind": "baseline",
-                "fit_seconds": time.perf_counter() - t0,
-                **audit,
-            }
-        )
-    for model in params["train"]["models"]:
-        paths, pred = model_predictions(ref, model, classes)
-        if [Path(p).relative_to("raw").as_posix() for p in paths] != test_paths:
-            sys.exit(f"real_benchmark: {model}'s test images differ from the baselines' split.")
-        predictions[model] = pred
-        phases = stages.get(f"train@{model}", {}).get("phases") or {}
-        test = json.loads(git_show(ref, f"evaluation/{model}/test.json"))
-        rows.append(
-            {
-                "name": model,
-                "kind": "model",
-                "fit_seconds": phases.get("fit"),
-                "stage_seconds": stages.get(f"train@{model}", {}).get("seconds"),
-                **{
-                    view: tuple(
-                        test[f"{view}_accuracy{end}"] for end in ("", "_ci_low", "_ci_high")
-                    )
-                    for view in ("lungs_hidden", "lungs_only")
-                },
-            }
-        )
+        row = {"name": baseline, "kind": "baseline", "fit_seconds": time.perf_counter() - t0}
+        rows.append({**row, **audit})
+    return rows, predictions
+
+
+def model_row(ref, model, classes, test_paths, stages) -> tuple[dict, np.ndarray]:
+    """(the row of a model the experiment trained, its test predictions), its audit figures
+    from its evaluate stage, its times from the train stage's."""
+    paths, pred = model_predictions(ref, model, classes)
+    if [Path(p).relative_to("raw").as_posix() for p in paths] != test_paths:
+        sys.exit(f"real_benchmark: {model}'s test images differ from the baselines' split.")
+    phases = stages.get(f"train@{model}", {}).get("phases") or {}
+    test = json.loads(git_show(ref, f"evaluation/{model}/test.json"))
+    row = {
+        "name": model,
+        "kind": "model",
+        "fit_seconds": phases.get("fit"),
+        "stage_seconds": stages.get(f"train@{model}", {}).get("seconds"),
+        **{
+            view: tuple(test[f"{view}_accuracy{end}"] for end in ("", "_ci_low", "_ci_high"))
+            for view in ("lungs_hidden", "lungs_only")
+        },
+    }
+    return row, pred
+
+
+def add_scores(rows: list, predictions: dict, y_test, n_classes: int, ev: dict) -> None:
+    """Each row's accuracy and macro-F1 with intervals, and McNemar against the reference."""
     for row in rows:
         pred = predictions[row["name"]]
-        ci = intervals(y_test, pred, len(classes), ev["bootstrap"], ev["ci_level"], ev["seed"])
-        accuracy = float((pred == y_test).mean())
-        macro = macro_f1(y_test, pred, len(classes))
-        row["accuracy"] = (accuracy, *ci["accuracy"])
-        row["macro_f1"] = (macro, *ci["macro_f1"])
+        ci = intervals(y_test, pred, n_classes, ev["bootstrap"], ev["ci_level"], ev["seed"])
+        row["accuracy"] = (float((pred == y_test).mean()), *ci["accuracy"])
+        row["macro_f1"] = (macro_f1(y_test, pred, n_classes), *ci["macro_f1"])
         row["mcnemar_vs_lr"] = mcnemar(y_test, pred, predictions[REFERENCE])
-    shutil.rmtree(scratch, ignore_errors=True)
 
-    total = lines[-1][0]
-    models = [r for r in rows if r["kind"] == "model"]
-    champion = json.loads(git_show(ref, "reports/compare/summary.json"))["champion"]
-    lr = next(r for r in rows if r["name"] == REFERENCE)
-    print(f"\n# real radiographs: {args.archive}, profile {args.profile}, classes {classes}")
-    print(
-        f"# {len(x_train)} train / {len(y_test)} test images at {summary['image_size']} px; "
-        f"pipeline {total / 60:.1f} min\n# {machine.header()}\n"
-    )
-    print(
-        f"# lung focus: {params['train']['lung_focus']}; audit lungs: "
-        f"{'the test images own masks' if summary['lung_masks'] else 'the lung template'}\n"
-    )
+
+def print_table(rows: list, champion: str) -> None:
     print(
         "| model | accuracy [95 % CI] | macro-F1 [95 % CI] "
         "| vs LR: McNemar p (only it / only LR correct) | accuracy, lungs hidden "
@@ -253,7 +270,14 @@ def main() -> None:
             f"| {versus} | {interval(row['lungs_hidden'])} | {interval(row['lungs_only'])} "
             f"| {fit} | {stage} |"
         )
+
+
+def say_verdict(rows: list, champion: str) -> dict:
+    """Whether the champion beats the logistic regression (above its interval, McNemar), and
+    whether every model beats its point estimate: printed, and returned."""
+    lr = next(r for r in rows if r["name"] == REFERENCE)
     best = next(r for r in rows if r["name"] == champion)
+    models = [r for r in rows if r["kind"] == "model"]
     verdict = {
         "champion": champion,
         "champion_above_lr_ci": best["accuracy"][0] > lr["accuracy"][2],
@@ -265,24 +289,9 @@ def main() -> None:
         f"\nchampion {champion}: accuracy {best['accuracy'][0]:.3f}, {above} the logistic "
         f"regression's upper bound {lr['accuracy'][2]:.3f}; McNemar p = "
         f"{verdict['champion_mcnemar_p']:.3g}; every model above the LR's point estimate: "
-        f"{verdict['all_above_lr_point']}.\nOutputs (Grad-CAM overlays included): {outputs}"
+        f"{verdict['all_above_lr_point']}."
     )
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(
-            json.dumps(
-                {
-                    "experiment": name,
-                    "command": command,
-                    "seconds": total,
-                    "rows": rows,
-                    "verdict": verdict,
-                },
-                indent=2,
-            )
-        )
-    if not args.keep:
-        subprocess.run(["dvc", "exp", "remove", name], check=False, capture_output=True)
+    return verdict
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@
         [--batch 32] [--requests 60] [--seconds 300] [--images ../shared/data/cxr-real-dev]
 
 Builds the architecture with params.yaml's settings (untrained, weights none: speed does not
-depend on the weights), logs it as the served pyfunc (`cxr.serving.log_classifier`, signature
-and all) into a throw-away MLflow store, and starts `cxr serve` on it. Requests carry real
+depend on the weights), logs it as the served pyfunc (`cxr.pyfunc_classifier`, signature and
+all) into a throw-away MLflow store, and starts `cxr serve` on it. Requests carry real
 radiograph files (base64 PNG, `--batch` per request). Bounded by --requests per client and
 --seconds in all:
 1. ceiling: the same batches in this process, the Keras model's `predict_on_batch` on the
@@ -117,45 +117,80 @@ def main() -> int:
     parser.add_argument("--max-body-mb", type=float, default=8)
     args = parser.parse_args()
 
-    import keras
     import mlflow
     import pandas as pd
 
-    from cxr.images import load_grey
-    from cxr.models import build_model
     from cxr.params import load_params
-    from cxr.serving import MAX_IMAGES, log_classifier
+    from cxr.pyfunc_classifier import log_classifier
 
     params = load_params(ROOT / "params.yaml")
     classes = params["data"]["classes"]
-    settings = {**params["models"][args.arch]}
-    if "weights" in settings:
-        settings["weights"] = "none"
     files = sorted(args.images.rglob("*.png"))
     if len(files) < args.batch:
         raise SystemExit(f"{args.images} holds {len(files)} PNG files; need {args.batch}")
     encoded = [base64.b64encode(p.read_bytes()).decode() for p in files[: args.batch * 8]]
     batches = [encoded[i : i + args.batch] for i in range(0, len(encoded), args.batch)]
     frames = [pd.DataFrame({"image": b}) for b in batches]
-    good = [
-        (json.dumps({"dataframe_records": [{"image": e} for e in b]}).encode(), len(b), 200)
-        for b in batches
-    ]
 
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
-    model = build_model(args.arch, (args.image_size, args.image_size, 1), len(classes), **settings)
+    model = untrained_model(args.arch, args.image_size, params)
     model.save(work / "model.keras")
     store = f"sqlite:///{work / 'mlflow.db'}"
     mlflow.set_tracking_uri(store)
     with mlflow.start_run():
         uri = log_classifier(work / "model.keras", classes, []).model_uri
 
-    # 1. The ceiling, in this process, on the same batches.
+    keras_rate, pyfunc_rate = in_process_rates(work / "model.keras", uri, batches, frames, args)
+    plain, mixed, memory = under_load(work, store, uri, batches, encoded, args)
+    print(
+        f"\n{args.arch} at {args.image_size} px, batch {args.batch}, {args.clients} clients"
+        f"\n# {machine.header()}\n"
+    )
+    print("| | images/s | vs keras | p50 | p99 | requests | errors | server peak MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| in-process keras predict_on_batch | {keras_rate:.0f} | 1.00 | | | | | |")
+    print(
+        f"| in-process pyfunc (decode+predict) | {pyfunc_rate:.0f} | "
+        f"{pyfunc_rate / keras_rate:.2f} | | | | | |"
+    )
+    idle, loaded, peak = memory
+    for name, r, mb in (("cxr serve", plain, loaded), ("cxr serve, bad mixed in", mixed, peak)):
+        print(
+            f"| {name} | {r['images_per_s']:.0f} | {r['images_per_s'] / keras_rate:.2f} | "
+            f"{r['p50_s'] * 1000:.0f} ms | {r['p99_s'] * 1000:.0f} ms | {r['requests']} | "
+            f"{r['errors']} | {mb:.0f} (idle {idle:.0f}) |"
+        )
+    print(f"\nbad requests refused with 400: {mixed['bad_refused']} of {mixed['bad_sent']}")
+    for r in (plain, mixed):
+        if r["mismatches"]:
+            print("expected -> got (0: no answer):", r["mismatches"])
+    return 1 if plain["errors"] or mixed["errors"] else 0
+
+
+def untrained_model(arch: str, image_size: int, params: dict):
+    """`arch` as params.yaml builds it, with random weights (serving speed needs no training)."""
+    from cxr.models import build_model
+
+    settings = {**params["models"][arch]}
+    if "weights" in settings:
+        settings["weights"] = "none"
+    classes = params["data"]["classes"]
+    return build_model(arch, (image_size, image_size, 1), len(classes), **settings)
+
+
+def in_process_rates(keras_file: Path, uri: str, batches, frames, args) -> tuple[float, float]:
+    """1. The ceiling, in this process, on the same batches: images/s of Keras'
+    predict_on_batch on decoded images, and of the pyfunc (decoding included)."""
+    import keras
+    import mlflow
+
+    from cxr.images import load_grey
+
     decoded = [
         np.stack([load_grey(base64.b64decode(e), args.image_size) for e in b])[..., None]
         for b in batches
     ]
-    model = keras.saving.load_model(work / "model.keras")
+    model = keras.saving.load_model(keras_file)
     model.predict_on_batch(decoded[0])
     start = time.perf_counter()
     for x in decoded:
@@ -166,28 +201,38 @@ def main() -> int:
     start = time.perf_counter()
     for frame in frames:
         pyfunc.predict(frame)
-    pyfunc_rate = sum(len(f) for f in frames) / (time.perf_counter() - start)
+    return keras_rate, sum(len(f) for f in frames) / (time.perf_counter() - start)
 
-    # 2. and 3. Under load.
+
+def under_load(work: Path, store: str, uri: str, batches, encoded, args):
+    """2. and 3. `cxr serve` under `args.clients` clients, with good requests only, then with
+    bad ones mixed in: (plain, mixed, the server's memory in MB idle / loaded / at peak)."""
+    from cxr.pyfunc_classifier import MAX_IMAGES
+
+    good = [
+        (json.dumps({"dataframe_records": [{"image": e} for e in b]}).encode(), len(b), 200)
+        for b in batches
+    ]
+    too_many = {"dataframe_records": [{"image": encoded[0]}] * (MAX_IMAGES + 1)}
+    bad = [
+        (json.dumps({"dataframe_records": [{"image": "bm90IGFuIGltYWdl"}]}).encode(), 1, 400),
+        (b'{"dataframe_records": [' + b"0," * int(args.max_body_mb * 2**19 + 1), 1, 400),
+        (b'{"dataframe_records": [{"image": ', 1, 400),
+        (json.dumps(too_many).encode(), 1, 400),
+    ]
+    mixed_bodies = [
+        x for pair in zip(good, good[1:] + good[:1], bad * 2, strict=False) for x in pair
+    ]
     port = free_port()
     log = open(work / "serve.log", "w")  # noqa: SIM115 - the server's, closed at the end
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
     server = subprocess.Popen(
-        [
-            str(BIN / "cxr"),
-            "serve",
-            "--model",
-            uri,
-            "--port",
-            str(port),
-            "--max-body-mb",
-            str(args.max_body_mb),
-        ],
-        env=env,
+        [str(BIN / "cxr"), "serve", "--model", uri, "--port", str(port),
+         "--max-body-mb", str(args.max_body_mb)],
+        env={**os.environ, "MLFLOW_TRACKING_URI": store},
         stdout=log,
         stderr=subprocess.STDOUT,
         cwd=work,
-    )
+    )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):
@@ -203,45 +248,13 @@ def main() -> int:
         deadline = time.time() + args.seconds
         plain = load(f"{url}/invocations", good, args.clients, args.requests, deadline)
         loaded = peak_rss_mb(server.pid)
-        too_many = {"dataframe_records": [{"image": encoded[0]}] * (MAX_IMAGES + 1)}
-        bad = [
-            (json.dumps({"dataframe_records": [{"image": "bm90IGFuIGltYWdl"}]}).encode(), 1, 400),
-            (b'{"dataframe_records": [' + b"0," * int(args.max_body_mb * 2**19 + 1), 1, 400),
-            (b'{"dataframe_records": [{"image": ', 1, 400),
-            (json.dumps(too_many).encode(), 1, 400),
-        ]
-        mixed_bodies = [
-            x for pair in zip(good, good[1:] + good[:1], bad * 2, strict=False) for x in pair
-        ]
         mixed = load(f"{url}/invocations", mixed_bodies, args.clients, args.requests, deadline)
         peak = peak_rss_mb(server.pid)
     finally:
         server.terminate()
         server.wait(timeout=30)
         log.close()
-
-    print(
-        f"\n{args.arch} at {args.image_size} px, batch {args.batch}, {args.clients} clients"
-        f"\n# {machine.header()}\n"
-    )
-    print("| | images/s | vs keras | p50 | p99 | requests | errors | server peak MB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    print(f"| in-process keras predict_on_batch | {keras_rate:.0f} | 1.00 | | | | | |")
-    print(
-        f"| in-process pyfunc (decode+predict) | {pyfunc_rate:.0f} | "
-        f"{pyfunc_rate / keras_rate:.2f} | | | | | |"
-    )
-    for name, r, mb in (("cxr serve", plain, loaded), ("cxr serve, bad mixed in", mixed, peak)):
-        print(
-            f"| {name} | {r['images_per_s']:.0f} | {r['images_per_s'] / keras_rate:.2f} | "
-            f"{r['p50_s'] * 1000:.0f} ms | {r['p99_s'] * 1000:.0f} ms | {r['requests']} | "
-            f"{r['errors']} | {mb:.0f} (idle {idle:.0f}) |"
-        )
-    print(f"\nbad requests refused with 400: {mixed['bad_refused']} of {mixed['bad_sent']}")
-    for r in (plain, mixed):
-        if r["mismatches"]:
-            print("expected -> got (0: no answer):", r["mismatches"])
-    return 1 if plain["errors"] or mixed["errors"] else 0
+    return plain, mixed, (idle, loaded, peak)
 
 
 if __name__ == "__main__":

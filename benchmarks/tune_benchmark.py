@@ -43,7 +43,6 @@ def main() -> None:
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
 
     from cxr.download import download
-    from cxr.fit import accelerator_settings, fit, settings_for
     from cxr.params import check_params, load_params, with_overrides
     from cxr.prepare import prepare
     from cxr.prepared import split_arrays
@@ -79,27 +78,13 @@ def main() -> None:
         epochs = _epochs(work / f"tuning-{pruner}" / f"{args.model}.journal", summary["study"])
         rows.append((f"search, pruner {pruner}", summary, wall, epochs))
 
-    # The hand-picked settings (the profile's), the same epoch budget, the same splits.
-    cfg, builder_cfg = settings_for(args.model, params)
-    cfg["epochs"] = args.epochs
-    accel = accelerator_settings(cfg)
-    train = split_arrays(work / "prepared", "train")[:2]
-    x_val, y_val, dataset = split_arrays(work / "prepared", "val")
-    start = time.perf_counter()
-    fitted = fit(args.model, cfg, builder_cfg, train, (x_val, y_val), len(dataset["classes"]),
-                 accel, progress=False)  # fmt: skip
-    wall = time.perf_counter() - start
-    best = int(np.argmin(fitted.history["val_loss"]))
-    hand = {
-        "val_loss": fitted.history["val_loss"][best],
-        "val_accuracy": fitted.history["val_accuracy"][best],
-        "trials": {"complete": 1},
-    }
-    rows.append(("hand-picked (profile)", hand, wall, len(fitted.history["val_loss"])))
+    rows.append(hand_picked(args.model, params, work / "prepared", args.epochs))
+    train = split_arrays(work / "prepared", "train")[0]
+    x_val = split_arrays(work / "prepared", "val")[0]
 
     print(
         f"\n{args.model}, profile {args.profile} ({params['prepare']['image_size']} px, "
-        f"{len(train[0])} training / {len(x_val)} validation images of {args.archive.name}), "
+        f"{len(train)} training / {len(x_val)} validation images of {args.archive.name}), "
         f"{args.trials} trials of up to {args.epochs} epochs\n# {machine.header()}\n"
     )
     print("| run | trials (complete/pruned/failed) | epochs trained | wall | trials per hour "
@@ -121,6 +106,30 @@ def main() -> None:
             f"\npruning saved {1 - with_pruning[3] / without[3]:.0%} of the epochs and "
             f"{1 - with_pruning[2] / without[2]:.0%} of the wall time"
         )
+
+
+def hand_picked(model: str, params: dict, prepared: Path, epochs: int) -> tuple:
+    """The hand-picked settings (the profile's), the same epoch budget, the same splits: a
+    row of the table."""
+    from cxr.fit import accelerator_settings, fit, settings_for
+    from cxr.prepared import split_arrays
+
+    cfg, builder_cfg = settings_for(model, params)
+    cfg["epochs"] = epochs
+    accel = accelerator_settings(cfg)
+    train = split_arrays(prepared, "train")[:2]
+    x_val, y_val, dataset = split_arrays(prepared, "val")
+    start = time.perf_counter()
+    fitted = fit(model, cfg, builder_cfg, train, (x_val, y_val), len(dataset["classes"]),
+                 accel, progress=False)  # fmt: skip
+    wall = time.perf_counter() - start
+    best = int(np.argmin(fitted.history["val_loss"]))
+    hand = {
+        "val_loss": fitted.history["val_loss"][best],
+        "val_accuracy": fitted.history["val_accuracy"][best],
+        "trials": {"complete": 1},
+    }
+    return "hand-picked (profile)", hand, wall, len(fitted.history["val_loss"])
 
 
 def _epochs(journal: Path, name: str) -> int:

@@ -489,7 +489,7 @@ def test_rescoring_the_champion_never_runs_the_code_it_ships(tmp_path, monkeypat
     evil.write_text(
         "import pathlib, mlflow\n"
         f"pathlib.Path({str(planted)!r}).write_text('ran')\n"
-        "from cxr.serving import Classifier\n"
+        "from cxr.pyfunc_classifier import Classifier\n"
         "mlflow.models.set_model(Classifier())\n"
     )
     with mlflow.start_run():

@@ -55,7 +55,7 @@ def test_exif_orientation_is_applied_where_every_image_is_decoded():
     import pandas as pd
 
     from cxr.images import decode_grey
-    from cxr.serving import to_batch
+    from cxr.pyfunc_classifier import to_batch
 
     grey = np.zeros((60, 90), np.uint8)
     grey[:15] = 255  # a bright band at the top: upright and sideways differ everywhere

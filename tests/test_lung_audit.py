@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from cxr.classes import LABELS
-from cxr.lung_audit import grad_cam, lung_audit
 from cxr.fit import fit
+from cxr.lung_audit import grad_cam, lung_audit
 from cxr.lungs import focus_crop
 from cxr.metrics import lung_verdict
 from cxr.synthetic import _phantom

@@ -53,7 +53,7 @@ def test_tri_states_say_auto_true_or_false_and_name_the_new_spelling(tmp_path, k
         load_params(path)
 
 
-def test_a_topup_that_prepare_would_ignore_is_refused(tmp_path):
+def test_a_topup_that_prepare_would_ignore_or_miss_is_refused(tmp_path):
     def mutate(params):
         params["data"]["topup"] = "viral"
         params["prepare"]["balance"] = "undersample"
@@ -64,6 +64,9 @@ def test_a_topup_that_prepare_would_ignore_is_refused(tmp_path):
         tmp_path, lambda p: p["data"].update(topup="viral") or p["prepare"].update(balance="top-up")
     )
     assert load_params(path)["data"]["topup"] == "viral"
+    path = _write(tmp_path, lambda p: p["prepare"].update(balance="top-up"))  # and no top-up
+    with pytest.raises(ParamsError, match="prepare.balance is 'top-up' but data.topup is null"):
+        load_params(path)
 
 
 def test_unknown_key_is_named(tmp_path):

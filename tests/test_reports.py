@@ -10,7 +10,8 @@ from cxr.errors import CxrError
 from cxr.evaluate import read_predictions, write_predictions
 from cxr.files import read_json, write_json
 from cxr.metrics import HEADLINE, INTERVALS
-from cxr.register import champion_uri, model_card
+from cxr.model_card import model_card
+from cxr.register import champion_uri
 
 CLASSES = ["covid", "normal", "pneumonia"]
 EVALUATE = {"bootstrap": 200, "ci_level": 0.95, "seed": 0, "calibration_bins": 5}

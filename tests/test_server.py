@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from cxr import cli, server
-from cxr.server import DRAIN_FACTOR, MAX_DEPTH, MAX_REASON, Guard, json_depth, reason_only
+from cxr.http_server import DRAIN_FACTOR, MAX_DEPTH, MAX_REASON, Guard, json_depth, reason_only
 from tests.conftest import BIN
 
 
@@ -240,7 +240,7 @@ def test_serve_hands_its_socket_and_caps_to_the_server(monkeypatch, capsys):
     assert host == "127.0.0.1" and port > 0
     assert capsys.readouterr().out == f"serving runs:/0/m on http://127.0.0.1:{port}/invocations\n"
     assert cli.main(["serve", "--port", "0"]) == 0
-    assert calls["app_for"][2] is None  # the model's own cap: serving.MAX_REQUEST_PIXELS
+    assert calls["app_for"][2] is None  # the model's own cap: pyfunc_classifier.MAX_REQUEST_PIXELS
 
 
 def test_a_host_that_cannot_be_had_is_one_line():

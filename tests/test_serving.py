@@ -10,9 +10,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from cxr import serving
+from cxr import pyfunc_classifier
 from cxr.images import decode_grey, load_grey, resize
-from cxr.serving import (
+from cxr.pyfunc_classifier import (
     MAX_ARRAY_PIXELS,
     MAX_IMAGES,
     MAX_REQUEST_PIXELS,
@@ -166,7 +166,7 @@ def test_pixels_per_request_are_capped_from_headers_before_any_decoding(monkeypa
     """The sum over the request's images, from file headers and array shapes: over the cap,
     nothing is decoded and the answer names the total, the cap and the fix."""
     decoded = []
-    monkeypatch.setattr(serving, "load_grey", lambda *a, **k: decoded.append(a))
+    monkeypatch.setattr(pyfunc_classifier, "load_grey", lambda *a, **k: decoded.append(a))
     files = pd.DataFrame({"image": [b64_png(200, 300)] * 3})  # 180,000 pixels in all
     with pytest.raises(BadRequest) as refused:
         to_batch(files, 8, max_pixels=179_999)
@@ -190,7 +190,7 @@ def test_the_default_pixel_cap_takes_a_batch_of_real_films(monkeypatch):
     the cap; a file that is not an image counts nothing and is refused for what it is."""
     decoded = []
     monkeypatch.setattr(
-        serving,
+        pyfunc_classifier,
         "load_grey",
         lambda data, size, min_size: decoded.append(1) or np.zeros((size, size), np.uint8),
     )

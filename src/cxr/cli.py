@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 from cxr.errors import CxrError
+from cxr.http_server import MAX_BODY_BYTES
 from cxr.params import PROFILES, check_params, flatten, load_params, with_overrides
-from cxr.server import MAX_BODY_BYTES
 
 
 def environment_first_on_path() -> None:
@@ -159,7 +159,7 @@ def _cannot_load(model: str, err: Exception) -> CxrError:
 def predict(args: argparse.Namespace) -> int:
     """Classify image files with the registered champion (or another model URI or a local
     .keras file); print one JSON line per file. Exit status 1 if any file was refused."""
-    from cxr.serving import load_classifier, predict_files
+    from cxr.pyfunc_classifier import load_classifier, predict_files
 
     model = _model_uri(args)
     # A model file names no classes (params.yaml does); a logged model keeps its min_size.
@@ -182,7 +182,7 @@ def serve(args: argparse.Namespace) -> int:
     """Serve a registered model over HTTP (MLflow's scoring protocol) with request caps and
     answers that do not repeat the request. The port is taken first: a busy one fails at
     once, not after the model has loaded."""
-    from cxr import server
+    from cxr import http_server as server
 
     with server.listen(args.host, args.port) as sock:
         model = _model_uri(args)
@@ -291,6 +291,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cxr", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"cxr {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
+    _pipeline_commands(sub)
+    _model_commands(sub)
+    _tuning_commands(sub)
+    args, extra = parser.parse_known_args(argv)
+    if args.command in ("demo", "profile", "tune", "exps"):
+        args.dvc_args = extra[1:] if extra[:1] == ["--"] else extra  # after --: for dvc
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return args.func(args)
+    except CxrError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _pipeline_commands(sub) -> None:
+    """demo, profile and exps: the pipeline as DVC experiments."""
     p = sub.add_parser(
         "demo",
         help="run the whole pipeline offline on synthetic phantoms",
@@ -317,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Arguments after `--` go to `dvc exp show`, e.g. `cxr exps -- --md`.",
     )
     p.set_defaults(func=exps)
+
+
+def _model_commands(sub) -> None:
+    """predict and serve: the registered champion (or another model) at work."""
     p = sub.add_parser("predict", help="classify radiograph files (PNG/JPEG)")
     p.add_argument("images", nargs="+", type=Path, help="image files")
     p.add_argument(
@@ -343,9 +364,13 @@ def main(argv: list[str] | None = None) -> int:
         "--max-megapixels",
         type=_at_least(0.001, float),
         help="refuse a request whose images hold more than this many million pixels in all, "
-        "read from their headers before decoding (default: serving.MAX_REQUEST_PIXELS, 64)",
+        "read from their headers before decoding (default: the model's own cap, 64)",
     )
     p.set_defaults(func=serve)
+
+
+def _tuning_commands(sub) -> None:
+    """tune and kaggle-version."""
     p = sub.add_parser(
         "tune",
         help="search a model's settings with Optuna (params.yaml's tune:), or --apply the best",
@@ -369,16 +394,6 @@ def main(argv: list[str] | None = None) -> int:
         "kaggle-version", help="print the current version number of data.kaggle_dataset"
     )
     p.set_defaults(func=kaggle_version)
-    args, extra = parser.parse_known_args(argv)
-    if args.command in ("demo", "profile", "tune", "exps"):
-        args.dvc_args = extra[1:] if extra[:1] == ["--"] else extra  # after --: for dvc
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    try:
-        return args.func(args)
-    except CxrError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
 
 
 def script() -> None:

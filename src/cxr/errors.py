@@ -30,6 +30,10 @@ class DownloadError(CxrError):
     """A dataset could not be fetched or unpacked (cxr.download and the modules it uses)."""
 
 
+class DataError(CxrError):
+    """The images cannot be prepared as asked (cxr.prepare and cxr.balance)."""
+
+
 class CorruptArchive(DownloadError):
     """The zip itself is damaged (not its layout): a cached download is fetched again."""
 

@@ -173,6 +173,11 @@ def check_params(params: dict[str, Any]) -> dict[str, Any]:
             f"{prep['balance']!r}, which does not use the top-up set: set prepare.balance to "
             "top-up, or data.topup to null."
         )
+    if prep["balance"] == "top-up" and not data["topup"]:
+        raise ParamsError(
+            "params.yaml: prepare.balance is 'top-up' but data.topup is null: set data.topup "
+            "to 'viral' or 'all' (see docs/pipeline.md, Balancing)."
+        )
     target = prep["balance_target"]
     if isinstance(target, str) and target not in data["classes"]:
         raise ParamsError(

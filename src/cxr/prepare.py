@@ -25,7 +25,7 @@ Memory stays flat in the dataset size: images go from the decoder straight to di
 from __future__ import annotations
 
 import os
-from collections import Counter, defaultdict
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +34,11 @@ from typing import Any
 import numpy as np
 
 from cxr import layout
+from cxr.balance import balance, split_groups
 from cxr.classes import DATASET_DIR, LABEL_TO_FOLDER, TOPUP_LABEL
 from cxr.console import progress
 from cxr.dedupe import dedupe
-from cxr.errors import CxrError
+from cxr.errors import DataError
 from cxr.files import atomic_path
 from cxr.images import (
     IMAGE_SUFFIXES,
@@ -52,10 +53,6 @@ from cxr.prepared import SPLITS, write_index
 from cxr.processes import worker_dies_with_parent
 
 THUMB = 32  # thumbnail side for near-duplicate checks
-
-
-class DataError(CxrError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -279,122 +276,6 @@ def copy_rows(scratch: Path, order: list[int], out: Path, shape: tuple[int, int]
         os.close(fd_out)
 
 
-# ---------------------------------------------------------------------------- balance
-
-
-def _take_groups(indices: list[int], group: dict[int, int], target: int, rng) -> list[int]:
-    """Whole near-duplicate groups, in random order, while they fit under `target`."""
-    by_group: dict[int, list[int]] = defaultdict(list)
-    for i in indices:
-        by_group[group[i]].append(i)
-    order = list(by_group)
-    rng.shuffle(order)
-    chosen: list[int] = []
-    for g in order:
-        if len(chosen) + len(by_group[g]) <= target:
-            chosen += by_group[g]
-    return sorted(chosen)
-
-
-def balance(
-    items: list[Item],
-    kept: list[int],
-    group: dict[int, int],
-    classes: list[str],
-    cfg: dict[str, Any],
-) -> tuple[list[int], dict[str, Any]]:
-    """Apply `cfg['balance']`; return the chosen indices and what happened, per class."""
-    rng = np.random.default_rng(cfg["seed"])
-    pool = {
-        label: [i for i in kept if items[i].label == label and items[i].origin != "topup"]
-        for label in classes
-    }
-    # A top-up film that is a near duplicate of one already in the pool adds nothing.
-    pooled_groups = {group[i] for label in classes for i in pool[label]}
-    topup = [i for i in kept if items[i].origin == "topup" and group[i] not in pooled_groups]
-    counts = {label: len(pool[label]) for label in classes}
-    strategy, target_cfg = cfg["balance"], cfg["balance_target"]
-    if strategy == "none":
-        return sorted(i for label in classes for i in pool[label]), {
-            "strategy": "none",
-            "target": None,
-            "notes": [],
-        }
-    if isinstance(target_cfg, str):
-        if target_cfg not in classes:
-            raise DataError(
-                f"prepare.balance_target is {target_cfg!r}, which is not among data.classes "
-                f"{classes}; use one of them or a number."
-            )
-        target = counts[target_cfg]
-    else:
-        target = int(target_cfg)
-    chosen, notes = [], []
-    for label in classes:
-        if counts[label] >= target:
-            chosen += _take_groups(pool[label], group, target, rng)
-            continue
-        have = list(pool[label])
-        if strategy == "top-up" and label == TOPUP_LABEL:
-            added = _take_groups(topup, group, target - len(have), rng)
-            have += added
-            notes.append(
-                f"{label}: {counts[label]} images, topped up with {len(added)} of "
-                f"{len(topup)} new films from the paediatric set (duplicates of images already "
-                f"here removed) to {len(have)}."
-            )
-        chosen += have
-        if len(have) < target:
-            notes.append(
-                f"{label}: {len(have)} images, below the target {target}; "
-                + (
-                    "no top-up set can add more. "
-                    if strategy == "top-up"
-                    else "undersampling cannot add images. "
-                )
-                + "Kept all of them; the shortfall is left to training (class weights or "
-                "oversampling inside the training split)."
-            )
-    return sorted(chosen), {"strategy": strategy, "target": target, "notes": notes}
-
-
-# ---------------------------------------------------------------------------- split
-
-
-def split_groups(
-    items: list[Item],
-    chosen: list[int],
-    group: dict[int, int],
-    val: float,
-    test: float,
-    seed: int,
-) -> dict[int, str]:
-    """Stratified train/val/test by class, moving whole near-duplicate groups."""
-    rng = np.random.default_rng(seed)
-    by_label: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
-    first_label: dict[int, str] = {}
-    for i in chosen:
-        first_label.setdefault(group[i], items[i].label)
-        by_label[first_label[group[i]]][group[i]].append(i)
-    split: dict[int, str] = {}
-    for label in sorted(by_label):
-        groups = by_label[label]
-        n = sum(len(m) for m in groups.values())
-        if n < 3:
-            raise DataError(f"Class '{label}' has {n} usable image(s): too few to split.")
-        order = list(groups)
-        rng.shuffle(order)
-        want = {"test": max(1, round(n * test)), "val": max(1, round(n * val))}
-        filled = {"test": 0, "val": 0}
-        for g in order:
-            name = next((s for s in ("test", "val") if filled[s] < want[s]), "train")
-            if name != "train":
-                filled[name] += len(groups[g])
-            for i in groups[g]:
-                split[i] = name
-    return split
-
-
 # ---------------------------------------------------------------------------- stage
 
 
@@ -414,11 +295,6 @@ def prepare(
     topup: str | None = None,
 ) -> dict[str, Any]:
     """Run the whole stage; write `out_dir` atomically; return the report (as report.json)."""
-    if cfg["balance"] == "top-up" and not topup:
-        raise DataError(
-            "prepare.balance is 'top-up' but data.topup is null: set data.topup "
-            "to 'viral' or 'all' (see docs/pipeline.md, Balancing)."
-        )
     skipped: list[dict[str, Any]] = []
     items = index_images(
         raw, extra, classes, topup if cfg["balance"] == "top-up" else None, skipped
@@ -458,13 +334,21 @@ def prepare(
             for k, i in enumerate(order)
         ]
         summary = write_index(tmp, rows, classes, size)
-        counts = summary["counts"]
+    return _report(summary, items, facts, found, order, balanced, skipped, classes)
+
+
+def _report(summary, items, facts, found, order, balanced, skipped, classes) -> dict[str, Any]:
+    """report.json: the prepared data's summary, what was found, kept and balanced per class,
+    where the lung masks came from, and every file rejected, not read, duplicated, in
+    conflict or near-duplicated (by path)."""
+    counts = summary["counts"]
 
     def paths(indices):
         return [_rel(items[i].path) for i in indices]
 
     found_counts = Counter(item.label for item in items if item.origin != "topup")
     valid_counts = Counter(items[i].label for i in found["kept"] if items[i].origin != "topup")
+    masks = [facts["mask"][i] for i in order]
     return {
         **summary,
         "per_class": {
@@ -476,7 +360,7 @@ def prepare(
             for c in classes
         },
         "topup_found": sum(1 for item in items if item.origin == "topup"),
-        "lung_masks": dict(Counter(row["lung_mask"] for row in rows)),
+        "lung_masks": dict(Counter("file" if m == "file" else "template" for m in masks)),
         "lung_mask_notes": [
             {"path": _rel(items[i].path), "mask": facts["mask"][i]}
             for i in order

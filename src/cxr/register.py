@@ -1,23 +1,21 @@
 """The register stage: the champion into the MLflow Model Registry, behind a gate.
 
 The champion's Keras model is logged once into its training run as the `classifier` pyfunc
-(see serving.py) and registered as a version of `register.model_name`. The `champion` alias
-moves to it only when it scores at least as well as the current champion re-scored on the
-current validation split (compare chose by that split too; the test split is reported,
-never used to choose), and never across different class sets, unless `register.force`. A
-champion chosen on other data (another data fingerprint) is re-scored all the same: it may
-have trained on some of today's validation images, a bias in its favour only, which the
-decision then names. A
-current champion that cannot be loaded or scored (its files gone from the artifact store)
-is replaced, and the decision says why: kept, it would fail every later run. The gate
-decides before a new version exists, and the version is made with its decision (the
-`cxr.gate` tag), so no failure leaves a version without one. A rerun finds the version it
-registered before (by run id) and creates no duplicate.
+(cxr.pyfunc_classifier) and registered as a version of `register.model_name`. The alias
+`champion` moves to it only when it scores at least as well as the current champion
+re-scored on the current validation split (compare chose by that split too; the test split is
+reported, never used to choose), and never across different class sets, unless
+`register.force`. A champion chosen on other data (another data fingerprint) is re-scored
+all the same: it may have trained on some of today's validation images, a bias in its favour
+only, which the decision then names. A current champion that cannot be loaded or scored (its
+files gone from the artifact store) is replaced, and the decision says why: kept, it would
+fail every later run. The gate decides before a new version exists, and the version is made
+with its decision (the `cxr.gate` tag), so no failure leaves a version without one. A rerun
+finds the version it registered before (by run id) and creates no duplicate.
 """
 
 from __future__ import annotations
 
-import math
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,8 @@ from cxr import tracking
 from cxr.errors import CxrError
 from cxr.files import atomic_path, read_json, write_json
 from cxr.lungs import audit_inputs
-from cxr.metrics import HEADLINE, INTERVALS, INTERVALS_NOTE, lung_verdict, scores
+from cxr.metrics import scores
+from cxr.model_card import model_card
 from cxr.params import LUNG_METRICS
 from cxr.prepared import split_arrays, split_masks
 from cxr.repo import git_commit
@@ -227,129 +226,6 @@ def gate(
     )
 
 
-def model_card(
-    summary: dict,
-    test: dict,
-    sources: dict,
-    dataset: dict,
-    name: str,
-    version: str,
-    decision: str,
-) -> str:
-    metric, champion = summary["metric"], summary["champion"]
-    lines = [
-        f"# Model card: {name} version {version} ({champion})",
-        "",
-        "Classifies a frontal chest radiograph into "
-        + ", ".join(summary["classes"])
-        + f". Chosen as the best of {len(summary['ranking'])} architectures by `{metric}` "
-        "on the validation split; the test figures below were not used to choose. Registry "
-        f"decision: {decision}.",
-        "",
-        "**Not for clinical use.** A research model; it has not been validated on any "
-        "population, scanner or workflow, and must not inform care.",
-        "",
-        "## Data",
-        "",
-        f"Prepared images: {dataset['n_images']} at {dataset['image_size']} px "
-        f"(data fingerprint `{dataset['fingerprint'][:16]}`), deduplicated and split by "
-        "near-duplicate groups (no film in two splits).",
-        "",
-        "| split | " + " | ".join(dataset["classes"]) + " |",
-        "|---|" + "---:|" * len(dataset["classes"]),
-    ]
-    for split, per in dataset["counts"].items():
-        lines.append(f"| {split} | " + " | ".join(str(per[c]) for c in dataset["classes"]) + " |")
-    lines += [
-        "",
-        f"## Test metrics ({test['n_test']} images; brackets: {INTERVALS_NOTE})",
-        "",
-        "| metric | value |",
-        "|---|---|",
-    ]
-    for key, label in HEADLINE.items():
-        value = f"{test[key]:.3f}"
-        if key in INTERVALS:
-            value += f" [{test[f'{key}_ci_low']:.3f}, {test[f'{key}_ci_high']:.3f}]"
-        lines.append(f"| {label} | {value} |")
-    lines += [
-        f"| expected calibration error | {test['ece']:.3f} |",
-        "",
-        "| class | recall | precision | F1 | test images |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for c, f in test["per_class"].items():
-        lines.append(
-            f"| {c} | {f['recall']:.3f} | {f['precision']:.3f} | {f['f1']:.3f} | {f['support']} |"
-        )
-    k = len(summary["classes"])
-    lines += [
-        "",
-        "## Does it read the lungs? (shortcut audit, test split)",
-        "",
-        f"Verdict: {lung_verdict(test, k)}.",
-        "",
-        f"| test images (chance: accuracy {1 / k:.3f}) | accuracy | macro-F1 |",
-        "|---|---|---|",
-    ]
-    for view, prefix in (
-        ("intact", ""),
-        ("lungs hidden", "lungs_hidden_"),
-        ("lungs only", "lungs_only_"),
-    ):
-        lines.append(
-            f"| {view} | "
-            + " | ".join(
-                f"{test[prefix + m]:.3f} [{test[prefix + m + '_ci_low']:.3f}, "
-                f"{test[prefix + m + '_ci_high']:.3f}]"
-                for m in ("accuracy", "macro_f1")
-            )
-            + " |"
-        )
-    lines += [
-        "",
-        "Grad-CAM heat inside the lungs: "
-        f"{test.get('gradcam_lung_share', math.nan):.2f} on average "
-        f"(the lungs are {test['lung_area_share']:.2f} of the image). "
-        + (
-            "Lungs: each test image's own mask."
-            if test["lung_masks_from_files"] == 1
-            else "Lungs: the lung template where an image has no mask file (a weaker audit)."
-        ),
-    ]
-    if sources:
-        lines += [
-            "",
-            "## Test accuracy per image source",
-            "",
-            "A source that holds one class only and scores near 1.0 may be recognised by its "
-            "look rather than by the finding.",
-            "",
-            "| source | images | accuracy | classes |",
-            "|---|---:|---:|---|",
-        ]
-        for source, row in sources.items():
-            held = ", ".join(f"{c} {n}" for c, n in row["classes"].items())
-            lines.append(f"| {source} | {row['n']} | {row['accuracy']:.3f} | {held} |")
-    lines += [
-        "",
-        "## Limitations",
-        "",
-        "- Shortcut learning: in the Kaggle database each class comes mostly from its own "
-        "hospitals and sources (viral pneumonia films are paediatric), so a model can learn "
-        "the source instead of the disease. Check the Grad-CAM overlays in the run's "
-        "`evaluation/figures` and the per-class recall; expect lower scores on other sources.",
-        "- Calibration: probabilities are the softmax outputs, not calibrated risks (see the "
-        "reliability diagram).",
-        "- The test split comes from the same sources as the training data; it measures "
-        "in-distribution performance only.",
-        "- Input: one frontal radiograph, decoded to 8-bit grey; lateral views, other body "
-        "parts and non-radiographs are outside its scope and still get a label.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
 def register(
     params: dict[str, Any],
     summary_path: Path,
@@ -371,54 +247,17 @@ def register(
             "run `dvc repro -f compare`."
         )
     champion, run_id, metric = summary["champion"], summary["run_id"], summary["metric"]
-    classes = summary["classes"]
     test = read_json(evaluation / champion / "test.json")
     sources = read_json(evaluation / champion / "per_source.json")
     dataset = read_json(prepared / "dataset.json")
     client = _client()
     _ensure_registered_model(client, name)
-
     # The gate decides before a new version exists: a failure on the way registers none.
     version = _version_of_run(client, name, run_id)
-    current = _current_champion(client, name)
-    if version is not None and current is not None and current.version == version.version:
-        move, decision = True, "already the champion"
-    else:
-        # Re-scored only where comparable: the same classes.
-        current_score, broken, other_data = None, None, None
-        if current is not None and _classes_of(current) == classes:
-            theirs = current.tags.get("cxr.data_fingerprint") or "unknown"
-            if theirs != summary["data_fingerprint"]:
-                other_data = theirs
-            current_score, broken = _rescore_champion(
-                name, current.version, prepared, classes, metric
-            )
-        move, decision = gate(
-            summary["value"], classes, current, current_score, cfg["force"], broken, other_data
-        )
-
+    move, decision = _decide(client, name, version, summary, prepared, cfg["force"])
     created = version is None
     if created:
-        with tracking.start_run(
-            params["mlflow"]["experiment"], champion, {}, run_id=run_id, add_only=True
-        ):
-            info = _log_classifier(
-                models / champion / "model.keras", classes, params["prepare"]["min_size"]
-            )
-        version = mlflow.register_model(
-            info.model_uri,
-            name,
-            tags={
-                "cxr.run_id": run_id,
-                "cxr.architecture": champion,
-                "cxr.classes": ",".join(classes),
-                "cxr.data_fingerprint": summary["data_fingerprint"] or "",
-                "cxr.git_commit": git_commit(),
-                f"val_{metric}": f"{summary['value']:.6f}",
-                f"test_{metric}": f"{summary['test_value']:.6f}",
-                "cxr.gate": decision,  # made with the version, in one transaction
-            },
-        )
+        version = _new_version(params, summary, models, decision)
     if move:
         client.set_registered_model_alias(name, ALIAS, version.version)
     client.set_model_version_tag(name, version.version, "cxr.gate", decision)
@@ -450,8 +289,56 @@ def register(
     return result
 
 
+def _decide(client, name, version, summary, prepared: Path, force: bool) -> tuple[bool, str]:
+    """(move the alias?, the decision in words) for compare's champion, whose registered
+    `version` may exist already (a rerun)."""
+    current = _current_champion(client, name)
+    if version is not None and current is not None and current.version == version.version:
+        return True, "already the champion"
+    classes = summary["classes"]
+    # Re-scored only where comparable: the same classes.
+    current_score, broken, other_data = None, None, None
+    if current is not None and _classes_of(current) == classes:
+        theirs = current.tags.get("cxr.data_fingerprint") or "unknown"
+        if theirs != summary["data_fingerprint"]:
+            other_data = theirs
+        current_score, broken = _rescore_champion(
+            name, current.version, prepared, classes, summary["metric"]
+        )
+    return gate(summary["value"], classes, current, current_score, force, broken, other_data)
+
+
+def _new_version(params: dict[str, Any], summary: dict[str, Any], models: Path, decision: str):
+    """The champion's classifier logged into its training run and registered, the gate's
+    decision among the version's tags (one transaction)."""
+    import mlflow
+
+    champion, run_id, metric = summary["champion"], summary["run_id"], summary["metric"]
+    classes = summary["classes"]
+    with tracking.start_run(
+        params["mlflow"]["experiment"], champion, {}, run_id=run_id, add_only=True
+    ):
+        info = _log_classifier(
+            models / champion / "model.keras", classes, params["prepare"]["min_size"]
+        )
+    return mlflow.register_model(
+        info.model_uri,
+        params["register"]["model_name"],
+        tags={
+            "cxr.run_id": run_id,
+            "cxr.architecture": champion,
+            "cxr.classes": ",".join(classes),
+            "cxr.data_fingerprint": summary["data_fingerprint"] or "",
+            "cxr.git_commit": git_commit(),
+            f"val_{metric}": f"{summary['value']:.6f}",
+            f"test_{metric}": f"{summary['test_value']:.6f}",
+            "cxr.gate": decision,  # made with the version, in one transaction
+        },
+    )
+
+
 def _log_classifier(keras_model: Path, classes: list[str], min_size: int):
-    from cxr.serving import log_classifier
+    from cxr.pyfunc_classifier import log_classifier
 
     requirements = pinned_requirements(MODEL_REQUIREMENTS + SERVING_REQUIREMENTS)
     return log_classifier(keras_model, classes, requirements, min_size)

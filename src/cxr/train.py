@@ -123,13 +123,7 @@ def train(
         name,
         [cfg, builder_cfg, summary["fingerprint"], accel["backend"]],
     )
-    resumed = checkpoint.run_id
-    with backend.scope(accel["distribution"]):
-        resume = checkpoint.load() if resumed else None
-    if resumed and (resume is None or tracking.find_run(resumed) is None):
-        checkpoint.remove()  # nothing usable to resume, or its run is not in this store
-        resume, resumed = None, None
-
+    resume, resumed = _resumable(checkpoint, accel["distribution"])
     tags = tracking.run_tags(stage=f"train@{name}", data_fingerprint=summary["fingerprint"])
     stopper = early_stopping(cfg, resume)
     saver = checkpoint.saver(resume.history if resume else {}, cfg["checkpoint_seconds"], stopper)
@@ -145,16 +139,7 @@ def train(
         mlflow.log_params(
             run_params(name, cfg, builder_cfg, summary, (len(x_train), len(x_val)), accel)
         )
-        mlflow.log_input(
-            mlflow.data.from_numpy(
-                x_train,
-                targets=y_train,
-                source=str(prepared),
-                name="prepared-train",
-                digest=summary["fingerprint"][:16],
-            ),
-            context="training",
-        )
+        _log_training_set(x_train, y_train, prepared, summary["fingerprint"])
         result = fit(
             name,
             cfg,
@@ -187,6 +172,27 @@ def train(
     checkpoint.remove()
     print(phases.line())
     return metrics | timing
+
+
+def _resumable(checkpoint: Checkpoint, distribution) -> tuple[Any, str | None]:
+    """(the checkpoint's state, its MLflow run id) to resume from, or (None, None): a
+    checkpoint that cannot be loaded, or whose run is not in this store, is removed."""
+    resumed = checkpoint.run_id
+    with backend.scope(distribution):
+        resume = checkpoint.load() if resumed else None
+    if resumed and (resume is None or tracking.find_run(resumed) is None):
+        checkpoint.remove()
+        return None, None
+    return resume, resumed
+
+
+def _log_training_set(x: np.ndarray, y: np.ndarray, prepared: Path, fingerprint: str) -> None:
+    import mlflow
+
+    dataset = mlflow.data.from_numpy(
+        x, targets=y, source=str(prepared), name="prepared-train", digest=fingerprint[:16]
+    )
+    mlflow.log_input(dataset, context="training")
 
 
 def run_params(

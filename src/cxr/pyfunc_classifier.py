@@ -237,7 +237,7 @@ def log_classifier(
     signature, example = signature_and_example(min_size)
     return mlflow.pyfunc.log_model(
         name="classifier",
-        python_model=str(package / "served_model.py"),  # models-from-code: no pickle
+        python_model=str(package / "pyfunc_definition.py"),  # models-from-code: no pickle
         artifacts={"keras_model": str(keras_model)},
         model_config={"classes": classes, "min_size": int(min_size)},
         code_paths=[str(package)],

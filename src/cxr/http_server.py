@@ -10,7 +10,7 @@ answers repeat the request back. The guard, an ASGI middleware in front of it:
   recurses once per level, and 100,000 `[` (200 kB) end in a RecursionError and a 500;
 - keeps the reason of a 4xx answer and drops the echoed payload and the stack trace.
 The model's own caps (images and pixels per request, pixels per array, the smallest image:
-serving.py) answer 400 too; `--max-megapixels` sets the model's cap on pixels per request.
+pyfunc_classifier.py) answer 400 too; `--max-megapixels` sets the model's cap on pixels per request.
 
 The port is taken (`listen`) before the model loads, which takes seconds: a port in use
 fails at once, and uvicorn serves on that very socket (a client that connects while the
@@ -192,7 +192,7 @@ async def _send(send, status: int, body: bytes, headers=None) -> None:
 
 def app_for(model_uri: str, max_body: int = MAX_BODY_BYTES, max_pixels: int | None = None) -> Guard:
     """MLflow's scoring app for `model_uri` (the pyfunc loaded once), behind the guard;
-    `max_pixels` replaces the classifier's cap on pixels per request (serving.py)."""
+    `max_pixels` replaces the classifier's cap on pixels per request (cxr.pyfunc_classifier)."""
     import mlflow
     from mlflow.pyfunc import scoring_server
 
