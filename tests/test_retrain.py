@@ -78,8 +78,27 @@ def test_the_version_is_kaggles_current_one_unless_pinned_and_not_following():
     assert latest["n"] == 3
 
 
+def test_the_top_up_sets_version_is_looked_up_and_compared_like_the_databases():
+    def lookup(dataset):
+        return {PARAMS["data"]["topup_dataset"]: 2, PARAMS["data"]["kaggle_dataset"]: 7}[dataset]
+
+    kaggle = _params(source="kaggle", topup="viral", topup_version=None)
+    assert retrain.version(kaggle, {}, lookup, which="top-up") == 2
+    assert retrain.version({**kaggle, "data": {**kaggle["data"], "topup": None}}, {}, lookup,
+                           which="top-up") is None  # fmt: skip
+    lock = {"stages": {"download": {"params": {"params.yaml": {
+        "data.kaggle_version": 7, "data.topup_version": 1}}}}}  # fmt: skip
+    assert retrain.version_changes(lock, {"database": 7, "top-up": 2}) == [
+        "Kaggle top-up version 1 -> 2"
+    ]
+    assert retrain.version_changes(lock, {"database": 7, "top-up": 1}) == []
+    assert retrain.version_changes(lock, {"database": 8, "top-up": None}) == [
+        "Kaggle database version 7 -> 8"
+    ]
+
+
 def test_no_dvc_lock_is_a_change(tmp_path):
-    assert retrain.changes(tmp_path, None) == [
+    assert retrain.changes(tmp_path, {}) == [
         "no dvc.lock: nothing has been trained and adopted here yet"
     ]
 

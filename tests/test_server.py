@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from cxr import cli, server
+from cxr import cli, http_server
 from cxr.http_server import DRAIN_FACTOR, MAX_DEPTH, MAX_REASON, Guard, json_depth, reason_only
 from tests.conftest import BIN
 
@@ -213,8 +213,8 @@ def test_serve_on_a_busy_port_says_so_before_loading_the_model(busy_port, monkey
     loaded (28 s) and "serving ... on ..." was printed."""
     work = []
     monkeypatch.setattr(cli, "_model_uri", lambda args: work.append("uri") or "runs:/0/m")
-    monkeypatch.setattr(server, "app_for", lambda *args: work.append("load"))
-    monkeypatch.setattr(server, "run", lambda *args: work.append("run"))
+    monkeypatch.setattr(http_server, "app_for", lambda *args: work.append("load"))
+    monkeypatch.setattr(http_server, "run", lambda *args: work.append("run"))
     assert cli.main(["serve", "--port", str(busy_port)]) == 2
     out, err = capsys.readouterr()
     assert work == [] and out == ""
@@ -231,8 +231,8 @@ def test_cxr_serve_on_a_busy_port_is_one_line_with_a_bogus_model(busy_port, tmp_
 def test_serve_hands_its_socket_and_caps_to_the_server(monkeypatch, capsys):
     calls = {}
     monkeypatch.setattr(cli, "_model_uri", lambda args: "runs:/0/m")
-    monkeypatch.setattr(server, "app_for", lambda *args: calls.update(app_for=args))
-    monkeypatch.setattr(server, "run", lambda app, sock: calls.update(run=sock.getsockname()))
+    monkeypatch.setattr(http_server, "app_for", lambda *args: calls.update(app_for=args))
+    monkeypatch.setattr(http_server, "run", lambda app, sock: calls.update(run=sock.getsockname()))
     argv = ["serve", "--port", "0", "--max-body-mb", "2", "--max-megapixels", "1.5"]
     assert cli.main(argv) == 0
     assert calls["app_for"] == ("runs:/0/m", 2 << 20, 1_500_000)
@@ -245,4 +245,4 @@ def test_serve_hands_its_socket_and_caps_to_the_server(monkeypatch, capsys):
 
 def test_a_host_that_cannot_be_had_is_one_line():
     with pytest.raises(cli.CxrError, match=r"cannot listen on 192\.0\.2\.1 port 5001 \(.*--host"):
-        server.listen("192.0.2.1", 5001)  # TEST-NET-1: on no interface of this machine
+        http_server.listen("192.0.2.1", 5001)  # TEST-NET-1: on no interface of this machine

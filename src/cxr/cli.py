@@ -287,13 +287,19 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """(the `cxr` parser, its subcommands' parsers by name)."""
     parser = argparse.ArgumentParser(prog="cxr", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"cxr {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     _pipeline_commands(sub)
     _model_commands(sub)
     _tuning_commands(sub)
+    return parser, dict(sub.choices)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, _ = build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.command in ("demo", "profile", "tune", "exps"):
         args.dvc_args = extra[1:] if extra[:1] == ["--"] else extra  # after --: for dvc

@@ -15,7 +15,7 @@ Transfer models (`vgg16`, `vgg19`, `resnet50v2`) take `weights`: `imagenet`, `no
 path of a weights file for the base (include_top=False). With ImageNet (or file) weights the
 base is frozen and only the head trains, plus the top `fine_tune_layers` layers if set. With
 `none` the whole base trains from scratch, made trainable as measured on the phantoms
-(docs/pipeline.md, "Models"): VGG gets batch norm after each conv (He-normal kernels; see
+(docs/training.md, "Models"): VGG gets batch norm after each conv (He-normal kernels; see
 `_with_batch_norm`),
 and batch norm momentum is `bn_momentum` (0.99 keeps the moving statistics near their
 initial values for the few hundred steps of a small run).

@@ -176,7 +176,7 @@ def check_params(params: dict[str, Any]) -> dict[str, Any]:
     if prep["balance"] == "top-up" and not data["topup"]:
         raise ParamsError(
             "params.yaml: prepare.balance is 'top-up' but data.topup is null: set data.topup "
-            "to 'viral' or 'all' (see docs/pipeline.md, Balancing)."
+            "to 'viral' or 'all' (see docs/data.md, Validation, duplicates, balancing)."
         )
     target = prep["balance_target"]
     if isinstance(target, str) and target not in data["classes"]:

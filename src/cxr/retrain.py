@@ -3,9 +3,10 @@ version to train on, and has anything changed since the dvc.lock in git.
 
 `python -m cxr.retrain check` fails in one line for a missing secret, a tracking store that
 would die with the runner, or a remote whose DVC plugin is not installed; `version` prints
-the Kaggle version to train on (nothing for other sources); `unchanged [--kaggle-version N]`
-exits 0 when dvc.lock already holds this version, code, data and params (and says so), 3
-(CHANGED) with the list of what changed; any other status is a failure."""
+the Kaggle version to train on (nothing for other sources; `--topup`: the top-up set's);
+`unchanged [--kaggle-version N] [--topup-version M]` exits 0 when dvc.lock already holds
+these versions, code, data and params (and says so), 3 (CHANGED) with the list of what
+changed; any other status is a failure."""
 
 from __future__ import annotations
 
@@ -78,18 +79,42 @@ def check(env: Mapping[str, str], params: Mapping[str, Any]) -> None:
             )
 
 
-def version(params: Mapping[str, Any], env: Mapping[str, str], lookup=None) -> int | None:
-    """The Kaggle version to train on: Kaggle's current one (unless KAGGLE_FOLLOW_LATEST is
-    false and params.yaml pins one), None for other sources."""
+# What `version` looks up: the dataset's key and its version's key in params.yaml's data.
+DATASETS = {
+    "database": ("kaggle_dataset", "kaggle_version"),
+    "top-up": ("topup_dataset", "topup_version"),
+}
+
+
+def version(
+    params: Mapping[str, Any], env: Mapping[str, str], lookup=None, which: str = "database"
+) -> int | None:
+    """The Kaggle version of the database (or of the top-up set, `which="top-up"`) to train
+    on: Kaggle's current one (unless KAGGLE_FOLLOW_LATEST is false and params.yaml pins one);
+    None for other sources, and for the top-up set when data.topup is null."""
     data = params["data"]
-    if data["source"] != "kaggle":
+    if data["source"] != "kaggle" or (which == "top-up" and not data["topup"]):
         return None
-    pinned = data["kaggle_version"]
+    dataset, key = DATASETS[which]
+    pinned = data[key]
     if pinned is not None and env.get("KAGGLE_FOLLOW_LATEST", "true").lower() == "false":
         return int(pinned)
     if lookup is None:
         from cxr.kaggle_client import latest_version as lookup
-    return lookup(data["kaggle_dataset"])
+    return lookup(data[dataset])
+
+
+def version_changes(lock: Mapping[str, Any], versions: Mapping[str, int | None]) -> list[str]:
+    """The Kaggle versions to train on (`{which: version}`, None: not looked up) that differ
+    from those dvc.lock's download stage ran with."""
+    download = lock.get("stages", {}).get("download", {})
+    locked = download.get("params", {}).get("params.yaml", {})
+    found = []
+    for which, wanted in versions.items():
+        key = f"data.{DATASETS[which][1]}"
+        if wanted is not None and locked.get(key) != wanted:
+            found.append(f"Kaggle {which} version {locked.get(key)} -> {wanted}")
+    return found
 
 
 def _produced(path: str, outs: list[str]) -> bool:
@@ -106,21 +131,18 @@ def _tracked(root: Path) -> dict[str, str]:
     return found
 
 
-def changes(root: Path, kaggle_version: int | None) -> list[str]:
+def changes(root: Path, versions: Mapping[str, int | None]) -> list[str]:
     """What would make `dvc exp run` redo work against the dvc.lock in git, deps only: a
     fresh checkout has no outputs, and an output missing is not a change (an upstream stage
     whose deps did not change makes the same one). A path a .dvc file tracks (data/) is
-    compared by the hash in that file: it is not pulled yet."""
+    compared by the hash in that file: it is not pulled yet. `versions`: the Kaggle versions
+    to train on (see version_changes); their params' own changes are theirs to say."""
     lock_path = root / "dvc.lock"
     if not lock_path.exists():
         return ["no dvc.lock: nothing has been trained and adopted here yet"]
     lock = yaml.safe_load(lock_path.read_text()) or {}
-    found = []
-    if kaggle_version is not None:
-        download = lock.get("stages", {}).get("download", {})
-        locked = download.get("params", {}).get("params.yaml", {}).get("data.kaggle_version")
-        if locked != kaggle_version:
-            found.append(f"Kaggle dataset version {locked} -> {kaggle_version}")
+    found = version_changes(lock, versions)
+    looked_up = {f"data.{DATASETS[w][1]}" for w, v in versions.items() if v is not None}
     proc = subprocess.run(
         ["dvc", "status", "--json"], cwd=root, capture_output=True, text=True, check=False
     )
@@ -138,11 +160,7 @@ def changes(root: Path, kaggle_version: int | None) -> list[str]:
                 continue
             for path, state in entry.get("changed deps", {}).items():
                 if isinstance(state, dict):  # params: {key: modified | new | deleted}
-                    keys = [
-                        k
-                        for k in state
-                        if not (k == "data.kaggle_version" and kaggle_version is not None)
-                    ]
+                    keys = [k for k in state if k not in looked_up]
                     found += [f"{stage}: param {k} {state[k]}" for k in keys]
                 elif path in tracked:
                     if tracked[path] != locked.get(path):
@@ -156,19 +174,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cxr.retrain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("check", help="the secrets and plugins the retraining needs")
-    sub.add_parser("version", help="print the Kaggle version to train on (empty: not Kaggle)")
+    p = sub.add_parser("version", help="print the Kaggle version to train on (empty: not Kaggle)")
+    p.add_argument("--topup", action="store_true", help="the top-up set's (empty: no top-up)")
     p = sub.add_parser("unchanged", help="exit 0 if dvc.lock holds this code, data and params")
     p.add_argument("--kaggle-version", type=int, default=None)
+    p.add_argument("--topup-version", type=int, default=None)
     args = parser.parse_args(argv)
     try:
         params = load_params()
         if args.command == "check":
             check(os.environ, params)
         elif args.command == "version":
-            found = version(params, os.environ)
+            found = version(params, os.environ, which="top-up" if args.topup else "database")
             print("" if found is None else found)
         else:
-            found = changes(repo_root(), args.kaggle_version)
+            versions = {"database": args.kaggle_version, "top-up": args.topup_version}
+            found = changes(repo_root(), versions)
             if found:
                 print("retrain: changed since dvc.lock: " + "; ".join(found[:20]))
                 return CHANGED
