@@ -19,10 +19,8 @@ import json
 import tempfile
 from pathlib import Path
 
-import yaml
-
 from cxr import machine
-from cxr.params import check_params, load_params, with_overrides
+from cxr.params import check_params, load_params, parse_yaml, with_overrides
 
 
 def main() -> None:
@@ -35,7 +33,7 @@ def main() -> None:
         "--workdir", type=Path, default=Path(tempfile.gettempdir()) / "cxr-demo-budget"
     )
     args = parser.parse_args()
-    extra = {k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in args.set)}
+    extra = {k: parse_yaml(v) for k, v in (a.split("=", 1) for a in args.set)}
     params = load_params()
     params = check_params(with_overrides(params, params["demo"] | extra))
     print("#", machine.header(), flush=True)

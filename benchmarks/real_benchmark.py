@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline_benchmark import add_experiment_arguments, run_experiment, stage_table  # noqa: E402
@@ -45,7 +44,7 @@ from cxr.cli import check_data_folder  # noqa: E402
 from cxr.download import download  # noqa: E402
 from cxr.lungs import audit_inputs, focus_array  # noqa: E402
 from cxr.metrics import intervals, macro_f1, mcnemar  # noqa: E402
-from cxr.params import load_params, with_overrides  # noqa: E402
+from cxr.params import load_params, parse_yaml, with_overrides  # noqa: E402
 from cxr.prepare import prepare  # noqa: E402
 from cxr.prepared import load_prepared, split_arrays, split_masks  # noqa: E402
 
@@ -63,7 +62,7 @@ def overrides(args: argparse.Namespace) -> dict:
     )
     for item in args.set:
         key, _, value = item.partition("=")
-        chosen[key] = yaml.safe_load(value)  # as DVC reads it: numbers, lists, booleans
+        chosen[key] = parse_yaml(value)  # as DVC reads it (YAML 1.2): numbers, lists, booleans
     return chosen
 
 

@@ -184,8 +184,7 @@ def test_top_up_adds_only_new_films(tmp_path):
     write_dataset(root, per_class=16, size=64, labels=("covid", "lung_opacity", "normal"))
     write_dataset(root, per_class=4, size=64, labels=("pneumonia",))
     write_topup(root / "chest_xray", per_class=16, size=64)  # holds copies of 4 db films
-    cfg = {**CFG, "balance": "top-up"}
-    report = prepare(root, [], list(LABELS), cfg, tmp_path / "p", topup="viral")
+    report = prepare(root, [], list(LABELS), CFG, tmp_path / "p", topup="viral")
     _, rows, _ = load_prepared(tmp_path / "p")
     added = [r for r in rows if r["origin"] == "topup"]
     assert all("virus" in r["path"] for r in added)

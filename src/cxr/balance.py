@@ -47,8 +47,8 @@ def balance(
     topup = [i for i in kept if items[i].origin == "topup" and group[i] not in pooled_groups]
     counts = {label: len(pool[label]) for label in classes}
     strategy, target_cfg = cfg["balance"], cfg["balance_target"]
-    if strategy == "none":
-        return sorted(i for label in classes for i in pool[label]), {
+    if strategy == "none":  # everything, the top-up's new films included
+        return sorted([i for label in classes for i in pool[label]] + topup), {
             "strategy": "none",
             "target": None,
             "notes": [],
@@ -61,7 +61,7 @@ def balance(
             chosen += _take_groups(pool[label], group, target, rng)
             continue
         have = list(pool[label])
-        if strategy == "top-up" and label == TOPUP_LABEL:
+        if topup and label == TOPUP_LABEL:  # data.topup: fill it from the paediatric set
             added = _take_groups(topup, group, target - len(have), rng)
             have += added
             notes.append(
@@ -73,11 +73,7 @@ def balance(
         if len(have) < target:
             notes.append(
                 f"{label}: {len(have)} images, below the target {target}; "
-                + (
-                    "no top-up set can add more. "
-                    if strategy == "top-up"
-                    else "undersampling cannot add images. "
-                )
+                + ("no top-up set can add more. " if topup else "undersampling cannot add images. ")
                 + "Kept all of them; the shortfall is left to training (class weights or "
                 "oversampling inside the training split)."
             )

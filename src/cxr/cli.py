@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cxr.errors import CxrError
 from cxr.http_server import MAX_BODY_BYTES
-from cxr.params import PROFILES, check_params, flatten, load_params, with_overrides
+from cxr.params import PROFILES, check_params, load_params, with_overrides
 
 
 def environment_first_on_path() -> None:
@@ -27,15 +27,11 @@ def environment_first_on_path() -> None:
         os.environ["PATH"] = os.pathsep.join([bin_dir, *parts])
 
 
-def exp_run_command(overrides: dict, params_path: Path = Path("params.yaml")) -> list[str]:
+def exp_run_command(overrides: dict) -> list[str]:
     """`dvc exp run --temp -S key=value ...` that applies `overrides` (dotted keys)."""
-    known = flatten(load_params(params_path))
     command = ["dvc", "exp", "run", "--temp"]
-    for key, value in overrides.items():
-        text = value if isinstance(value, str) else json.dumps(value)
-        # DVC parses -S as Hydra overrides: a key params.yaml lacks is added with "+".
-        prefix = "" if key in known else "+"
-        command += ["-S", f"{prefix}{key}={text}"]
+    for key, value in overrides.items():  # every key is in params.yaml: no Hydra "+" needed
+        command += ["-S", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
     return command
 
 
@@ -72,7 +68,7 @@ def checked_exp_run_command(
 
     for model in effective["train"]["models"]:
         check_settings(model, effective["models"][model], effective["prepare"]["image_size"])
-    return exp_run_command(overrides, params_path)
+    return exp_run_command(overrides)
 
 
 def demo(args: argparse.Namespace) -> int:

@@ -26,10 +26,13 @@ def settings_for(name: str, params: dict[str, Any]) -> tuple[dict, dict]:
     model_cfg = params["models"][name]
     own = {k: model_cfg[k] for k in TRAINING_KEYS if model_cfg.get(k) is not None}  # null: train's
     cfg = {**params["train"], **own}
-    cfg["augment"] = {**params["train"]["augment"], **(model_cfg.get("augment") or {})}
+    own_augment = {k: v for k, v in (model_cfg.get("augment") or {}).items() if v is not None}
+    cfg["augment"] = {**params["train"]["augment"], **own_augment}
     # train.lung_focus* are part of every model's graph: builder settings (a model's own win).
     builder = {k: cfg.pop(k) for k in LUNG_FOCUS_KEYS}
-    return cfg, builder | {k: v for k, v in model_cfg.items() if k not in TRAINING_KEYS}
+    builder |= {k: model_cfg[k] for k in LUNG_FOCUS_KEYS if model_cfg.get(k) is not None}
+    skip = (*TRAINING_KEYS, *LUNG_FOCUS_KEYS)
+    return cfg, builder | {k: v for k, v in model_cfg.items() if k not in skip}
 
 
 def accelerator_settings(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -45,8 +45,6 @@ VGG_MEAN_BGR = (103.939, 116.779, 123.68)
 
 
 def _pool(x, pooling: str):
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {sorted(POOLINGS)}, got {pooling!r}.")
     return POOLINGS[pooling]()(x)
 
 
@@ -90,8 +88,6 @@ def lung_focus_layers(x, input_shape, size: int, margin: float):
 def _input(input_shape, input_size: int | None, focus: dict):
     """The model's input, with the lung focus (`focus`: the builder's lung_focus and
     lung_focus_margin) and resized inside the graph to `input_size` when that is set."""
-    if focus["lung_focus"] not in ("none", "template"):
-        raise ValueError(f"lung_focus must be none or template, got {focus['lung_focus']!r}.")
     inputs = keras.Input(input_shape, name="image")
     x = inputs
     size = input_size or input_shape[0]
@@ -321,7 +317,7 @@ def check_settings(name: str, settings: dict, image_size: int | None = None) -> 
 def build_model(
     name: str, input_shape: tuple[int, int, int], n_classes: int, **params
 ) -> keras.Model:
-    if name not in MODELS:
-        raise ValueError(f"Unknown model {name!r}; known models: {sorted(MODELS)}.")
+    """Build `name` (a key of MODELS; params.yaml's values are checked before: cxr.params,
+    check_settings)."""
     kwargs = {k: v for k, v in params.items() if k not in TRAINING_KEYS}
     return MODELS[name](input_shape, n_classes, **kwargs)

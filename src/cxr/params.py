@@ -10,7 +10,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import yaml
+from ruamel.yaml import YAML, YAMLError
 
 from cxr import settings
 from cxr.classes import check_labels
@@ -44,6 +44,7 @@ __all__ = [
     "check_params",
     "flatten",
     "load_params",
+    "parse_yaml",
     "read_yaml",
     "stage_params",
     "with_overrides",
@@ -66,14 +67,8 @@ def _check(value: Any, schema: Any, where: str) -> None:
             )
         for key, sub in schema.items():
             _check(value[key], sub, f"{where}.{key}" if where else key)
-    elif schema is float:
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            raise ParamsError(f"params.yaml: '{where}' must be a number, got {value!r}.")
-    elif not isinstance(value, schema) or (schema is int and isinstance(value, bool)):
-        raise ParamsError(
-            f"params.yaml: '{where}' must be of type {getattr(schema, '__name__', schema)}, "
-            f"got {value!r}."
-        )
+    elif not settings.has_kind(value, schema):
+        raise settings.refusal(where, value)
 
 
 MAX_YAML_BYTES = 1_000_000  # params.yaml is about 10 kB; dvc.yaml about 8 kB
@@ -94,9 +89,17 @@ def _values(node: Any, sizes: dict[int, int | None]) -> int:
     return total
 
 
+def parse_yaml(text: str) -> Any:
+    """YAML text as plain data, read as DVC reads params.yaml (YAML 1.2, ruamel's safe loader):
+    what `dvc exp run -S train.mixed_precision=on` writes is the text 'on', not true (YAML 1.1,
+    PyYAML); 1e-3 is a number; a key written twice is an error."""
+    return YAML(typ="safe").load(text)
+
+
 def read_yaml(path: str | Path) -> Any:
-    """A YAML file as plain data, refused in one line with its file, line and column when it
-    is not YAML, over MAX_YAML_BYTES, or expanding to over MAX_YAML_VALUES values."""
+    """A YAML file as plain data (parse_yaml), refused in one line with its file, line and
+    column when it is not YAML, over MAX_YAML_BYTES, or expanding to over MAX_YAML_VALUES
+    values."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path} not found; run from the repository root.")
@@ -106,11 +109,11 @@ def read_yaml(path: str | Path) -> Any:
             "is it the right file?"
         )
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = parse_yaml(path.read_text(encoding="utf-8"))
         values = _values(data, {})
     except UnicodeDecodeError as err:
         raise ParamsError(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8.") from err
-    except yaml.YAMLError as err:
+    except YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = " ".join(str(getattr(err, "problem", None) or err).split())
@@ -167,17 +170,6 @@ def check_params(params: dict[str, Any]) -> dict[str, Any]:
             "params.yaml: prepare.val_fraction and prepare.test_fraction must be "
             "in (0, 1) and sum to less than 1."
         )
-    if data["topup"] and prep["balance"] != "top-up":  # fetched, then silently unused
-        raise ParamsError(
-            f"params.yaml: data.topup is {data['topup']!r} but prepare.balance is "
-            f"{prep['balance']!r}, which does not use the top-up set: set prepare.balance to "
-            "top-up, or data.topup to null."
-        )
-    if prep["balance"] == "top-up" and not data["topup"]:
-        raise ParamsError(
-            "params.yaml: prepare.balance is 'top-up' but data.topup is null: set data.topup "
-            "to 'viral' or 'all' (see docs/data.md, Validation, duplicates, balancing)."
-        )
     target = prep["balance_target"]
     if isinstance(target, str) and target not in data["classes"]:
         raise ParamsError(
@@ -220,7 +212,7 @@ def _check_model_training_keys(model: str, own: Any, train: dict[str, Any]) -> N
         if key in settings.MODEL_SETTINGS:
             settings.check(f"models.{model}.{key}", value, settings.MODEL_SETTINGS[key])
     mine = {k: v for k, v in own.items() if k in train and k != "augment" and v is not None}
-    mine |= {f"augment.{k}": v for k, v in augment.items()}
+    mine |= {f"augment.{k}": v for k, v in augment.items() if v is not None}
     for key, value in mine.items():
         settings.check(f"models.{model}.{key}", value, settings.SETTINGS[f"train.{key}"])
 

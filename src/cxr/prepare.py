@@ -4,16 +4,17 @@ Order matters: duplicates are found before balancing and splitting, balancing
 never copies an image, and near-duplicate groups never straddle train/val/test.
 
 1. index: the class folders of `raw/` (either Kaggle layout, cxr.layout), your images in
-   `data/`, and, for `balance: top-up`, the paediatric pneumonia films in `raw/chest_xray/`;
+   `data/`, and, with `data.topup`, the paediatric pneumonia films in `raw/chest_xray/`;
    every other file is listed as not read, with its reason;
 2. scan (all cores): decode and validate every file, hash its pixels (exact duplicates) and
    its look (perceptual hash), and write it at `image_size` into a scratch array;
 3. dedupe: one copy of each exact duplicate is kept; the same pixels under two labels is a
    conflict and every copy is dropped; near duplicates (perceptual hashes within
    `near_duplicate_bits` and thumbnails within `near_duplicate_mad` grey levels) form groups;
-4. balance: `undersample` (default: every class down to the `balance_target` class's count),
-   `top-up` (undersample, then fill pneumonia from the top-up films) or `none`; a target that
-   cannot be reached is said in the report, with what was done instead;
+4. balance: `undersample` (default: every class down to the `balance_target` class's count;
+   with `data.topup`, pneumonia filled up to it from the top-up films) or `none` (everything,
+   the top-up's new films included); a target that cannot be reached is said in the report,
+   with what was done instead;
 5. split: stratified by class, whole groups at a time, reproducible by `seed`;
 6. cache: the kept images, copied in manifest order into `images.npy`, and their lung masks
    into `masks.npy` (the dataset's mask file resized beside its image, else the template:
@@ -77,8 +78,8 @@ def topup_files(raw: Path, mode: str) -> list[Path]:
     root = raw / "chest_xray"
     if not root.is_dir():
         raise DataError(
-            f"prepare.balance is 'top-up' but {root} does not exist: set data.topup to "
-            "'viral' or 'all' so that download fetches the top-up set."
+            f"data.topup is {mode!r} but {root} does not exist: run the download stage "
+            "(`dvc repro download`), which fetches the top-up set."
         )
     splits = ("train", "val", "test") if mode == "viral" else ("train",)
     files = []
@@ -297,7 +298,7 @@ def prepare(
     """Run the whole stage; write `out_dir` atomically; return the report (as report.json)."""
     skipped: list[dict[str, Any]] = []
     items = index_images(
-        raw, extra, classes, topup if cfg["balance"] == "top-up" else None, skipped
+        raw, extra, classes, topup, skipped
     )
     size = cfg["image_size"]
     with atomic_path(out_dir) as tmp:

@@ -6,7 +6,7 @@ the page current). The table only says what is accepted: a value it accepts reac
 stages unchanged, so no stage depends on this file in dvc.yaml, and editing a help line or a
 range reruns nothing. The names the code acts on (metrics, poolings, profiles, ...) are in
 cxr.vocabulary, which the stages do depend on. Checks across settings (a class named by
-prepare.balance_target, the top-up's switches, a model's own keys against its builder) are
+prepare.balance_target, a model's own keys against its builder) are
 in cxr.params and cxr.models.check_settings.
 """
 
@@ -44,6 +44,7 @@ class Setting:
     kind: Any  # the YAML type(s) the value must have: str, int, NUMBER, bool, list, dict, NONE
     allowed: tuple[Callable[[Any], bool], str] | None  # (test, what it accepts in words)
     help: str
+    renamed: dict[Any, str] | None = None  # an old spelling -> what to write instead
 
     @property
     def accepts(self) -> str:
@@ -93,8 +94,12 @@ def whole_list(low: int):
     )
 
 
-def _s(kind, allowed=None, help=""):
-    return Setting(kind, allowed, help)
+def _s(kind, allowed=None, help="", renamed=None):
+    return Setting(kind, allowed, help, renamed)
+
+
+def _tri_state(help: str) -> Setting:
+    return _s((str, bool), TRI_STATE, help, {"on": "true", "off": "false"})
 
 
 # Augmentation of the training batches (train.augment.<key>, and a model's own augment).
@@ -151,7 +156,10 @@ SETTINGS: dict[str, Setting] = {
         NUMBER, number(0, 255), "... and 32x32 thumbnails within this mean grey difference"
     ),
     "prepare.balance": _s(
-        str, choice(BALANCE), "undersample to balance_target, top-up (with data.topup), none"
+        str,
+        choice(BALANCE),
+        "undersample to balance_target (pneumonia topped up with data.topup), or none",
+        {"top-up": "undersample (the top-up is data.topup alone)"},
     ),
     "prepare.balance_target": _s(
         (str, int), None, "the class whose count the others are cut to, or a count"
@@ -174,9 +182,9 @@ SETTINGS: dict[str, Setting] = {
         "class imbalance left in the training split: loss weights, resampling or none",
     ),
     **{f"train.augment.{k}": v for k, v in _AUGMENT.items()},
-    "train.mixed_precision": _s((str, bool), TRI_STATE, "bf16/fp16 compute: auto = on with a GPU"),
-    "train.jit_compile": _s((str, bool), TRI_STATE, "XLA: auto = on with a GPU, and on JAX"),
-    "train.deterministic": _s((str, bool), TRI_STATE, "deterministic ops: auto = on without a GPU"),
+    "train.mixed_precision": _tri_state("bf16/fp16 compute: auto = on with a GPU"),
+    "train.jit_compile": _tri_state("XLA: auto = on with a GPU, and on JAX"),
+    "train.deterministic": _tri_state("deterministic ops: auto = on without a GPU"),
     "train.steps_per_execution": _s(
         (str, int), auto_or(whole(1)), "batches per host round trip: auto = 1 on CPU, 32 on GPU"
     ),
@@ -225,13 +233,15 @@ MODEL_SETTINGS: dict[str, Setting] = {
     "pooling": _s(str, choice(POOLINGS), "the last feature map's reduction"),
     "filters": _s(list, whole_list(1), "the CNN's filters per conv block"),
     "input_size": _s((int, NONE), optional(whole(16)), "resize inside the model; null: prepare's"),
-    "lung_focus": _s(str, choice(LUNG_FOCUS), "this model's own train.lung_focus"),
-    "lung_focus_margin": _s(NUMBER, number(-0.1, 0.2), "this model's own lung focus margin"),
+    "lung_focus": _s((str, NONE), optional(choice(LUNG_FOCUS)), "this model's own; null: train's"),
+    "lung_focus_margin": _s(
+        (NUMBER, NONE), optional(number(-0.1, 0.2)), "this model's own; null: train's"
+    ),
     "learning_rate": _s((NUMBER, NONE), None, "this model's own; null: train's"),
     "epochs": _s((int, NONE), None, "this model's own; null: train's"),
     "batch_size": _s((int, NONE), None, "this model's own; null: train's"),
     "schedule": _s((str, NONE), None, "this model's own; null: train's"),
-    "augment": _s(dict, None, "some of train.augment's keys, this model's own"),
+    "augment": _s(dict, None, "train.augment's keys, this model's own; null: train's"),
 }
 
 
@@ -247,17 +257,32 @@ def schema() -> dict[str, Any]:
     return tree
 
 
-def check(where: str, value: Any, setting: Setting) -> None:
-    """Refuse `value` of `where` (a dotted key) in one line when the setting does not allow it:
-    the key, the value, what it accepts and its help."""
-    if setting.allowed is None or setting.allowed[0](value):
-        return
-    hint = ""
-    if setting.allowed is TRI_STATE and str(value).lower() in ("on", "off"):
-        hint = f" (write {'true' if str(value).lower() == 'on' else 'false'} for {value!r})"
-    raise ParamsError(
-        f"params.yaml: {where} is {value!r}; expected {setting.allowed[1]}{hint}: {setting.help}."
+def has_kind(value: Any, kind: Any) -> bool:
+    """Whether `value` has one of the YAML kinds `kind` names (true and false are not numbers)."""
+    for k in kind if isinstance(kind, tuple) else (kind,):
+        if k in (int, NUMBER):
+            if isinstance(value, int if k is int else int | float) and not isinstance(value, bool):
+                return True
+        elif isinstance(value, k):
+            return True
+    return False
+
+
+def refusal(where: str, value: Any, setting: Setting | None = None) -> ParamsError:
+    """The one-line message refusing `value` of `where` (a dotted key; its setting, SETTINGS'
+    unless given): the key, the value, what it accepts and its help."""
+    setting = setting or SETTINGS[where]
+    new = (setting.renamed or {}).get(str(value).lower())
+    hint = f" (write {new} for {value!r})" if new else ""
+    return ParamsError(
+        f"params.yaml: {where} is {value!r}; expected {setting.accepts}{hint}: {setting.help}."
     )
+
+
+def check(where: str, value: Any, setting: Setting) -> None:
+    """Refuse `value` of `where` in one line (refusal) when the setting does not allow it."""
+    if not has_kind(value, setting.kind) or (setting.allowed and not setting.allowed[0](value)):
+        raise refusal(where, value, setting)
 
 
 def _cell(value: Any) -> str:

@@ -43,7 +43,7 @@ def check_space(params: dict[str, Any], model: str) -> dict[str, Any]:
     """tune.space.<model>, validated: each key a setting of the model (builder argument,
     learning_rate, batch_size, schedule or augment.<key>); each value a list of choices or
     {low, high[, log, step]}; every choice and both ends give valid params."""
-    from cxr.models import MODELS, check_settings
+    from cxr.models import check_settings
 
     space = params["tune"]["space"].get(model)
     if not space:
@@ -51,8 +51,7 @@ def check_space(params: dict[str, Any], model: str) -> dict[str, Any]:
             f"params.yaml: tune.space has no search space for {model!r} (has "
             f"{sorted(params['tune']['space'])}); add tune.space.{model}."
         )
-    if model not in MODELS:
-        raise ParamsError(f"params.yaml: unknown model {model!r}; known: {sorted(MODELS)}.")
+    check_settings(model, params["models"][model], params["prepare"]["image_size"])
     for key, spec in space.items():
         where = f"tune.space.{model}.{key}"
         if key == "epochs":

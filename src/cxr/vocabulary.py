@@ -3,7 +3,7 @@ poolings, profiles, sources. cxr.settings builds its table's choices from them; 
 table, this module can change results, so every stage that reads params lists it in dvc.yaml."""
 
 SOURCES = ("kaggle", "archive", "synthetic")
-BALANCE = ("undersample", "top-up", "none")
+BALANCE = ("undersample", "none")
 SCHEDULES = ("constant", "cosine")
 PRUNERS = ("median", "hyperband", "none")
 # The headline test metrics (compare.metric's choices; cxr.metrics names them for reports).
