@@ -43,9 +43,7 @@ def _write(tmp_path, mutate):
 
 
 @pytest.mark.parametrize("key", ["mixed_precision", "jit_compile", "deterministic"])
-def test_tri_states_set_with_dash_s_say_auto_true_or_false_and_name_the_new_spelling(
-    tmp_path, key
-):
+def test_tri_states_set_with_dash_s_say_auto_true_or_false_and_name_the_new_spelling(tmp_path, key):
     """`dvc exp run -S train.<key>=...` goes through DVC's apply_overrides, which writes `on`
     unquoted: read as DVC reads params.yaml (YAML 1.2) it is the text 'on', refused in one line
     naming `true`, not YAML 1.1's boolean."""

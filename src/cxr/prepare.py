@@ -297,9 +297,7 @@ def prepare(
 ) -> dict[str, Any]:
     """Run the whole stage; write `out_dir` atomically; return the report (as report.json)."""
     skipped: list[dict[str, Any]] = []
-    items = index_images(
-        raw, extra, classes, topup, skipped
-    )
+    items = index_images(raw, extra, classes, topup, skipped)
     size = cfg["image_size"]
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
