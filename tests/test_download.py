@@ -152,6 +152,7 @@ def test_older_flat_layout_without_wrapper_folder(tmp_path, creds):
 
 
 def test_missing_credentials_say_how_to_set_them(tmp_path, monkeypatch):
+    """params.yaml as shipped (the real run) goes to Kaggle: without a token, one line."""
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "none"))
     for var in ("KAGGLE_API_TOKEN", "KAGGLE_USERNAME", "KAGGLE_KEY"):

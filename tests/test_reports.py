@@ -11,7 +11,6 @@ from cxr.evaluate import read_predictions, write_predictions
 from cxr.files import read_json, write_json
 from cxr.metrics import HEADLINE, INTERVALS
 from cxr.model_card import model_card
-from cxr.register import champion_uri
 
 CLASSES = ["covid", "normal", "pneumonia"]
 EVALUATE = {"bootstrap": 200, "ci_level": 0.95, "seed": 0, "calibration_bins": 5}
@@ -185,8 +184,3 @@ def test_model_card_shows_every_headline_metric_and_the_sources():
         assert ("[" in line) == (key in INTERVALS)
     assert "| hospital-a | 60 | 0.800 | covid 20 |" in card
     assert "Not for clinical use" in card
-
-
-def test_the_champion_uri_follows_the_registered_model_name():
-    assert champion_uri("cxr-classifier") == "models:/cxr-classifier@champion"
-    assert champion_uri("other") == "models:/other@champion"

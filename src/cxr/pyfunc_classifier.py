@@ -47,8 +47,8 @@ MAX_ARRAY_PIXELS = 2048 * 2048
 # of 4000 x 4000 or one image at images.MAX_PIXELS fit; 128 bombs of 7000 x 7000 (6.3 G, ~1
 # minute of decoding) do not. `cxr serve --max-megapixels` sets it.
 MAX_REQUEST_PIXELS = 64_000_000
-# prepare.min_size of params.yaml (a test keeps them equal): the minimum for models logged
-# before log_classifier recorded it in the model config, and for a local .keras file.
+# The minimum of models logged before log_classifier recorded theirs (prepare.min_size) in the
+# model config: prepare's minimum then, whatever params.yaml says now.
 MIN_SIZE = 128
 COLUMNS = ("image", "pixels")
 
