@@ -1,6 +1,6 @@
 """Lung focus on real radiographs, judged on the validation split (the test split is not read).
 
-    python benchmarks/lung_focus_benchmark.py --archive ../shared/data/cxr-real-dev \
+    python benchmarks/lung_focus_benchmark.py --archive real-dev \
         [--profile real_cpu] [--models cnn4_bn cnn] [--focus none template] \
         [--margins 0.04 0.0] [--out FILE.json]
 

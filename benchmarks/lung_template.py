@@ -1,6 +1,6 @@
 """The lung template over real radiographs: the by-eye check of cxr.lungs.TEMPLATE.
 
-    python benchmarks/lung_template.py --archive ../shared/data/cxr-real-sample \
+    python benchmarks/lung_template.py --archive real-sample \
         [--per-class 8] [--size 128] [--out lung_template.png]
 
 Draws, for each class folder of the archive (a folder in the Kaggle layout), the mean of its

@@ -1,6 +1,6 @@
 """The pipeline on real radiographs against pixel baselines, on the pipeline's own test split.
 
-    python benchmarks/real_benchmark.py --archive ../shared/data/cxr-real-dev
+    python benchmarks/real_benchmark.py --archive real-dev
         [--profile real_cpu] [--classes covid normal pneumonia] [-S key=value ...]
         [--workdir DIR] [--out FILE.json] [--keep]
 

@@ -1,7 +1,7 @@
 """Load test of `cxr serve` on loopback, against the in-process ceiling on the same batches.
 
     python benchmarks/serve_benchmark.py [--arch cnn4_bn] [--image-size 224] [--clients 4]
-        [--batch 32] [--requests 60] [--seconds 300] [--images ../shared/data/cxr-real-dev]
+        [--batch 32] [--requests 60] [--seconds 300] --images real-dev
 
 Builds the architecture with params.yaml's settings (untrained, weights none: speed does not
 depend on the weights), logs it as the served pyfunc (`cxr.pyfunc_classifier`, signature and
@@ -113,7 +113,9 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--requests", type=int, default=15, help="per client")
     parser.add_argument("--seconds", type=float, default=300)
-    parser.add_argument("--images", type=Path, default=ROOT.parent / "shared/data/cxr-real-dev")
+    parser.add_argument(
+        "--images", type=Path, required=True, help="real films (benchmarks/real_subset.py)"
+    )
     parser.add_argument("--max-body-mb", type=float, default=8)
     args = parser.parse_args()
 

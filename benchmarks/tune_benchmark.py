@@ -1,6 +1,6 @@
 """The hyper-parameter search on real radiographs: speed, what it finds, what pruning saves.
 
-    python benchmarks/tune_benchmark.py [--archive ../shared/data/cxr-real-dev]
+    python benchmarks/tune_benchmark.py [--archive real-dev]
         [--model cnn4_bn] [--profile real_cpu] [--trials 20] [--epochs 15]
         [--pruners median none] [--workdir DIR]
 
@@ -30,7 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--archive", type=Path, default=ROOT.parent / "shared/data/cxr-real-dev")
+    parser.add_argument(
+        "--archive", type=Path, required=True, help="real films (benchmarks/real_subset.py)"
+    )
     parser.add_argument("--model", default="cnn4_bn")
     parser.add_argument("--profile", default="real_cpu")
     parser.add_argument("--trials", type=int, default=20)

@@ -19,7 +19,10 @@ import cxr  # noqa: F401  (before any test imports Keras: TensorFlow with oneDNN
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: dvc, mlflow, cxr
-REAL_SAMPLE = ROOT.parent / "shared" / "data" / "cxr-real-sample"
+# Real radiographs for the tests that need them (docs/development.md); absent: they skip.
+REAL_SAMPLE = Path(
+    os.environ.get("CXR_REAL_SAMPLE", ROOT.parent / "shared" / "data" / "cxr-real-sample")
+)
 
 # Tiny settings for end-to-end runs: the demo's overrides, smaller.
 TINY = {

@@ -118,3 +118,19 @@ def test_the_checks_catch_a_broken_link_a_missing_target_and_an_unknown_option(t
 def test_no_page_refers_to_the_projects_issue_tracker(page):
     text = page.read_text()
     assert not re.search(r"\bissues? #?\d+|\(#\d+\)|\bPR #?\d+", text, re.I), ids(page)
+
+
+SCRIPTS = re.compile(r"\bbenchmarks/(\w+\.py)\b")
+
+
+@pytest.mark.parametrize("page", [*PAGES, ROOT / "params.yaml"], ids=ids)
+def test_every_script_a_page_names_exists_and_no_page_needs_a_folder_outside_the_clone(page):
+    """A benchmark a page tells readers to run is there; the data it is run on is the reader's
+    own (the database, or a subset drawn by benchmarks/real_subset.py), not a folder beside
+    this clone. The one exception: the tests' real sample, whose default is named beside
+    the variable that moves it (docs/development.md)."""
+    text = page.read_text()
+    assert [s for s in SCRIPTS.findall(text) if not (ROOT / "benchmarks" / s).is_file()] == []
+    outside = re.findall(r"\.\./shared\S*|cxr-real-dev", text)
+    allowed = ["../shared/data/cxr-real-sample`"] if page.name == "development.md" else []
+    assert outside == allowed, ids(page)

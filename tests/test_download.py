@@ -423,6 +423,29 @@ def test_kaggle_version_command_needs_credentials_and_says_so(no_creds, monkeypa
     assert "No Kaggle credentials found" in capsys.readouterr().err
 
 
+def test_kaggle_version_offline_with_a_token_ends_in_one_line(no_creds, monkeypatch, capsys):
+    """`cxr kaggle-version` with a token and no network, through the locked client itself
+    (only its HTTP layer cut): the retries, then one line naming the problem, no traceback."""
+    from cxr.cli import main
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("KAGGLE_API_TOKEN", "a-token")
+    monkeypatch.setattr("cxr.kaggle_client.time.sleep", lambda s: None)
+    seen = []
+
+    def offline(self, request, **kwargs):
+        seen.append(request.url)
+        raise requests.ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(requests.Session, "send", offline)
+    assert main(["kaggle-version"]) == 2
+    said = capsys.readouterr()
+    lines = [line for line in said.err.splitlines() if "retry" not in line]
+    assert said.out == "" and len(lines) == 1, said.err
+    assert "Could not reach Kaggle" in lines[0] and "Traceback" not in said.err
+    assert seen and "a-token" not in said.err
+
+
 @pytest.mark.parametrize("target", ["/etc/hostname", "../.."])
 def test_a_folder_source_refuses_symbolic_links(tmp_path, target):
     root = tmp_path / "mine" / DATASET_DIR / "COVID" / "images"

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from cxr.classes import DATASET_DIR, FOLDER_TO_LABEL, LABEL_TO_FOLDER, LABELS, check_labels
-from cxr.cli import checked_exp_run_command, main, profile_command
+from cxr.cli import build_parser, checked_exp_run_command, main, profile_command
 from cxr.errors import CxrError
 from cxr.models import LUNG_FOCUS_KEYS, MODELS, TRAINING_KEYS
 from cxr.params import ParamsError, flatten, load_params, with_overrides
@@ -338,3 +338,27 @@ def test_the_cli_finds_this_environments_dvc_without_activation(monkeypatch):
     assert os.environ["PATH"] == f"{venv}:/usr/bin:/bin"
     assert shutil.which("dvc") == str(venv / "dvc")
     assert Path(shutil.which("python")).parent == venv
+
+
+def test_cxr_help_describes_each_subcommand_and_version_names_the_installed_one():
+    """What `cxr --help` and `cxr --version` show a user (through the installed script)."""
+    from importlib.metadata import version
+
+    from tests.conftest import BIN
+
+    shown = run_cli([str(BIN / "cxr"), "--version"])
+    assert shown == f"cxr {version('cxr')}\n"
+    text = run_cli([str(BIN / "cxr"), "--help"])
+    _, commands = build_parser()
+    assert text.startswith("usage: cxr") and "Chest radiograph classification" in text
+    assert all(f"    {name}" in text for name in commands), text
+    profile = run_cli([str(BIN / "cxr"), "profile", "--help"])
+    assert "Arguments after `--` go to `dvc exp run`" in profile
+
+
+def run_cli(command: list[str]) -> str:
+    import subprocess
+
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    return done.stdout

@@ -387,5 +387,10 @@ def test_adding_to_a_finished_run_keeps_its_duration(tmp_path, monkeypatch):
         after = mlflow.MlflowClient().get_run(run_id)
         assert after.data.metrics["test_accuracy"] == 0.9
         assert (after.info.status, after.info.end_time) == ("FINISHED", before.end_time)
+        failing = tracking.start_run("t", "cnn", {}, run_id=run_id, add_only=True)
+        with pytest.raises(OSError, match="disk full"), failing:  # an evaluation that fails
+            raise OSError("disk full")
+        after = mlflow.MlflowClient().get_run(run_id).info
+        assert (after.status, after.end_time) == ("FINISHED", before.end_time)
     finally:
         mlflow.set_tracking_uri(None)

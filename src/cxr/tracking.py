@@ -272,7 +272,8 @@ def start_run(
 ) -> Iterator[Any]:
     """Start this stage's own run in the group, or reopen `run_id`: a killed training's run,
     to resume it, or (`add_only`) a finished training run that evaluate and register add to,
-    which keeps its status and end time, so that its duration in MLflow stays the training's.
+    which keeps its status and end time, even when they fail, so that its duration in MLflow
+    stays the training's.
     An `mlflow run` parent becomes its parent. `system_metrics`: MLflow samples CPU, memory,
     disk, network and (with nvidia-ml-py, the gpu extra) GPU use into the run."""
     import mlflow
@@ -283,10 +284,12 @@ def start_run(
         if run_id is not None:
             client = mlflow.MlflowClient()
             before = client.get_run(run_id).info if add_only else None
-            with mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics) as run:
-                yield run
-            if before is not None and before.status == "FINISHED" and before.end_time:
-                client.set_terminated(run_id, "FINISHED", end_time=before.end_time)
+            try:
+                with mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics) as run:
+                    yield run
+            finally:  # an evaluation that fails is no failed training
+                if before is not None and before.status == "FINISHED" and before.end_time:
+                    client.set_terminated(run_id, "FINISHED", end_time=before.end_time)
             return
         with mlflow.start_run(
             run_id=_new_run(experiment_id, run_name, tags, parent),
