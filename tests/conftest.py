@@ -223,3 +223,22 @@ def repro(tmp_path_factory, mlflow_server):
     first = run(["dvc", "repro"], repo, env=env)
     second = run(["dvc", "repro"], repo, env=env)
     return {"repo": repo, "uri": mlflow_server, "first": first, "second": second, "env": env}
+
+
+# The download tests' (test_download.py, test_kaggle_client.py).
+@pytest.fixture
+def creds(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "kaggle-config"))
+    for var in ("KAGGLE_USERNAME", "KAGGLE_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("KAGGLE_API_TOKEN", "test-token")
+
+
+@pytest.fixture(scope="module")
+def sample_zip(tmp_path_factory) -> Path:
+    if not REAL_SAMPLE.is_dir():
+        pytest.skip(f"real sample not found at {REAL_SAMPLE}")
+    from tests.kaggle_fakes import zip_tree  # which imports this module
+
+    return zip_tree(REAL_SAMPLE, tmp_path_factory.mktemp("zips") / "sample.zip")

@@ -224,6 +224,29 @@ def test_training_logs_its_dataset_speed_and_tensorboard(repro):
     assert r.data.metrics["epochs_run"] == TINY["train.epochs"]
 
 
+def test_a_training_runs_duration_is_its_stages(repro):
+    """A training run starts when its stage's process starts and ends when the training is
+    logged: its MLflow duration is within 10 % of the stage's own wall time (the total of
+    the stage's timing line, start-up included), for every model, not stretched by evaluate
+    and register adding to it afterwards."""
+    import mlflow
+
+    from cxr.timing import parse
+
+    repo, client = repro["repo"], mlflow.MlflowClient(repro["uri"])
+    totals = {}
+    for line in repro["first"].stdout.splitlines():
+        parsed = parse(line)
+        if parsed and parsed[0].startswith("train@"):
+            totals[parsed[0].removeprefix("train@")] = parsed[1]
+    assert set(totals) == set(TINY["train.models"]), repro["first"].stdout
+    for model, total in totals.items():
+        record = json.loads((repo / "reports" / model / "mlflow_run.json").read_text())
+        info = client.get_run(record["run_id"]).info
+        duration = (info.end_time - info.start_time) / 1000
+        assert abs(duration - total) <= 0.1 * total, (model, duration, total)
+
+
 def test_kaggle_without_credentials_fails_with_a_clear_message(tmp_path):
     repo = copy_repo(tmp_path / "repo")
     env = {  # no credentials anywhere the client looks, the home folder included
