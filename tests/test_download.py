@@ -156,6 +156,23 @@ def test_synthetic_topup_has_the_paediatric_layout(tmp_path):
     assert info["topup"]["pneumonia"] == "viral"
 
 
+def test_lung_masks_are_counted_apart_from_the_images(tmp_path):
+    """A database with its lung masks (the current Kaggle layout): download.json's `files`
+    counts the images alone, `masks` the masks, from a zip as from the built-in phantoms."""
+    from cxr.synthetic import write_dataset
+
+    write_dataset(tmp_path / "db", per_class=5, size=32, labels=("covid", "normal"))
+    archive = zip_tree(tmp_path / "db", tmp_path / "db.zip")
+    info = run_archive(tmp_path, archive)
+    assert info["files"] == info["masks"] == {"COVID": 5, "Normal": 5}
+    saved = json.loads((tmp_path / "d.json").read_text())
+    assert saved["files"] == saved["masks"] == info["files"]
+    synthetic = {"per_class": 4, "image_size": 32, "seed": 0, "findings": 1.0, "shortcut": "none"}
+    data = data_params(source="synthetic", synthetic=synthetic)
+    info = download(data, tmp_path / "raw2", tmp_path / "d2.json", tmp_path / "cache")
+    assert set(info["files"].values()) == set(info["masks"].values()) == {4}
+
+
 def test_encrypted_or_damaged_zip_gets_a_message(tmp_path):
     good = tmp_path / "good.zip"
     with zipfile.ZipFile(good, "w", zipfile.ZIP_DEFLATED) as zf:

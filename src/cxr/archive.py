@@ -177,7 +177,9 @@ def unpack_into(source: Path, out: Path, name: str, what: str) -> dict[str, Any]
     else:  # a user's folder: copy, never move, and never follow a link out of it
         _refuse_links(root, f"{what} {source}")
         shutil.copytree(root, out / name, symlinks=False)
-    info["files"] = (
-        layout.survey(out / name).counts() if name == DATASET_DIR else count_images(out / name)
-    )
+    if name == DATASET_DIR:
+        found = layout.survey(out / name)
+        info["files"], info["masks"] = found.counts(), found.masks  # masks apart: not images
+    else:
+        info["files"] = count_images(out / name)
     return info

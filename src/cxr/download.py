@@ -84,7 +84,8 @@ def download(
                     tmp / TOPUP_DIR, cfg["per_class"], cfg["image_size"], cfg["seed"]
                 )
             info["synthetic"] = cfg
-            info["files"] = layout.survey(tmp / DATASET_DIR).counts()  # what prepare reads
+            found = layout.survey(tmp / DATASET_DIR)  # what prepare reads
+            info["files"], info["masks"] = found.counts(), found.masks  # masks apart
         elif source == "archive":
             info.update(unpack_into(Path(data["archive"]), tmp, DATASET_DIR, "data.archive"))
         else:

@@ -42,6 +42,7 @@ class Survey:
     not read, as (path, number of files, reason); a whole folder is one entry."""
 
     images: dict[str, list[Path]] = field(default_factory=dict)
+    masks: dict[str, int] = field(default_factory=dict)  # lung masks (of an image) per folder
     folders: dict[str, Path] = field(default_factory=dict)
     skipped: list[tuple[Path, int, str]] = field(default_factory=list)
 
@@ -87,6 +88,8 @@ def _class_folder(folder: Path, survey: Survey) -> list[Path]:
             for mask in _files(path):
                 if mask.parent != path or mask.name not in names:
                     _skip(survey, mask, "a lung mask with no image of that name in images/")
+                else:
+                    survey.masks[folder.name] = survey.masks.get(folder.name, 0) + 1
         elif path.is_dir():
             _skip(survey, path, "an unknown folder in a class folder (read: images/, masks/)")
         else:
