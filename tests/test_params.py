@@ -362,3 +362,41 @@ def run_cli(command: list[str]) -> str:
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0 and done.stderr == "", done.stderr
     return done.stdout
+
+
+def _comment_block(text: str, key: str) -> str:
+    """params.yaml's line of `key` (dotted) with the comment lines right above it."""
+    lines = text.splitlines()
+    *parents, last = key.split(".")
+    i = 0
+    for depth, part in enumerate(parents):
+        i = next(k for k in range(i, len(lines)) if lines[k].startswith("  " * depth + part + ":"))
+    indent = "  " * len(parents)
+    i = next(k for k in range(i, len(lines)) if lines[k].startswith(f"{indent}{last}:"))
+    block = [lines[i]]
+    while lines[i - 1].strip().startswith("#") and lines[i - 1].startswith(indent + "#"):
+        i -= 1
+        block.insert(0, lines[i])
+    return " ".join(line.split("#", 1)[1] if "#" in line else line for line in block)
+
+
+def test_params_yaml_comments_name_what_the_table_accepts():
+    """Where params.yaml's comment lists a setting's values (`a | b | c`), they are the
+    table's, all of them: the comments cannot drift from what is accepted."""
+    from cxr.settings import SETTINGS
+
+    text = (ROOT / "params.yaml").read_text()
+    checked = []
+    for key, setting in SETTINGS.items():
+        if not (setting.allowed and setting.allowed.options):
+            continue
+        words = {"null" if o is None else str(o).lower() for o in setting.allowed.options}
+        comment = re.sub(r"\([^)]*\)", " ", _comment_block(text, key))
+        listed = set()
+        for a, b in re.findall(r"([\w-]+)[\s,.;:]*\|\s*(?=([\w-]+))", comment):
+            listed |= {a, b}
+        if listed:
+            checked.append(key)
+            assert listed <= words | {"N"}, (key, listed - words)
+            assert words - {"null"} <= set(re.findall(r"[\w-]+", comment)), (key, words)
+    assert len(checked) >= 8, checked

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from cxr.errors import CxrError
 from cxr.vocabulary import (
@@ -39,58 +39,71 @@ class ParamsError(CxrError):
     pass
 
 
+class Rule(NamedTuple):
+    """What a setting accepts: a test, the same in words, and its values where they are few
+    (the words params.yaml's comments use for it: tests/test_params.py checks them)."""
+
+    ok: Callable[[Any], bool]
+    words: str
+    options: tuple[Any, ...] | None = None
+
+
 @dataclass(frozen=True)
 class Setting:
     kind: Any  # the YAML type(s) the value must have: str, int, NUMBER, bool, list, dict, NONE
-    allowed: tuple[Callable[[Any], bool], str] | None  # (test, what it accepts in words)
+    allowed: Rule | None
     help: str
     renamed: dict[Any, str] | None = None  # an old spelling -> what to write instead
 
     @property
     def accepts(self) -> str:
         """What the setting accepts, in words (docs/params.md)."""
-        return self.allowed[1] if self.allowed else _kind_words(self.kind)
+        return self.allowed.words if self.allowed else _kind_words(self.kind)
 
 
-def whole(low: int, high: int | None = None):
+def whole(low: int, high: int | None = None) -> Rule:
     def ok(v):
         return isinstance(v, int) and not isinstance(v, bool) and low <= v <= (high or v)
 
-    return ok, f"a whole number >= {low}" + (f" and <= {high}" if high else "")
+    return Rule(ok, f"a whole number >= {low}" + (f" and <= {high}" if high else ""))
 
 
-def number(low: float, high: float = math.inf, open_low: bool = False, open_high: bool = False):
+def number(
+    low: float, high: float = math.inf, open_low: bool = False, open_high: bool = False
+) -> Rule:
     def ok(v):
         if not isinstance(v, int | float) or isinstance(v, bool):
             return False
         return (low < v if open_low else low <= v) and (v < high if open_high else v <= high)
 
     if high == math.inf:
-        return ok, f"a number {'>' if open_low else '>='} {low}"
-    return ok, f"a number in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+        return Rule(ok, f"a number {'>' if open_low else '>='} {low}")
+    return Rule(
+        ok, f"a number in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+    )
 
 
-def choice(options: tuple[str, ...]):
-    return (lambda v: v in options), f"one of {list(options)}"
+def choice(options: tuple[str, ...]) -> Rule:
+    return Rule(lambda v: v in options, f"one of {list(options)}", tuple(options))
 
 
-def optional(rule):
-    ok, expected = rule
-    return (lambda v: v is None or ok(v)), f"null or {expected}"
+def optional(rule: Rule) -> Rule:
+    options = (None, *rule.options) if rule.options else None
+    return Rule(lambda v: v is None or rule.ok(v), f"null or {rule.words}", options)
 
 
-def auto_or(rule):
-    ok, expected = rule
-    return (lambda v: v == "auto" or ok(v)), f"auto or {expected}"
+def auto_or(rule: Rule) -> Rule:
+    return Rule(lambda v: v == "auto" or rule.ok(v), f"auto or {rule.words}")
 
 
-TRI_STATE = ((lambda v: v in ("auto", True, False)), "auto, true or false")
+TRI_STATE = Rule(lambda v: v in ("auto", True, False), "auto, true or false", ("auto", True, False))
 
 
-def whole_list(low: int):
-    ok, expected = whole(low)
-    return (lambda v: isinstance(v, list) and bool(v) and all(ok(f) for f in v)), (
-        f"a non-empty list of whole numbers >= {low}"
+def whole_list(low: int) -> Rule:
+    one = whole(low)
+    return Rule(
+        lambda v: isinstance(v, list) and bool(v) and all(one.ok(f) for f in v),
+        f"a non-empty list of whole numbers >= {low}",
     )
 
 
@@ -281,7 +294,7 @@ def refusal(where: str, value: Any, setting: Setting | None = None) -> ParamsErr
 
 def check(where: str, value: Any, setting: Setting) -> None:
     """Refuse `value` of `where` in one line (refusal) when the setting does not allow it."""
-    if not has_kind(value, setting.kind) or (setting.allowed and not setting.allowed[0](value)):
+    if not has_kind(value, setting.kind) or (setting.allowed and not setting.allowed.ok(value)):
         raise refusal(where, value, setting)
 
 
