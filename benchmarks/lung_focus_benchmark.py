@@ -36,7 +36,7 @@ from cxr.baselines import fit_predict
 from cxr.classes import DATASET_DIR, FOLDER_TO_LABEL
 from cxr.lungs import TEMPLATE, audit_inputs, focus_array
 from cxr.metrics import intervals, mcnemar
-from cxr.params import load_params, parse_yaml, with_overrides
+from cxr.params import check_params, load_params, parse_yaml, with_overrides
 from cxr.prepared import split_arrays, split_masks
 
 
@@ -90,6 +90,7 @@ def main() -> None:
     for item in args.set:
         key, _, value = item.partition("=")
         params = with_overrides(params, {key: parse_yaml(value)})
+    params = check_params(params)  # a bad override: one line now, not in the builder
     data = prepared_splits(args.archive, present, params)
     x_train, x_val, summary = data["x_train"], data["x_val"], data["summary"]
     region = "own masks" if all(w == "file" for w in data["mask_from"]) else "template"

@@ -171,9 +171,10 @@ def main() -> int:
 
 def untrained_model(arch: str, image_size: int, params: dict):
     """`arch` as params.yaml builds it, with random weights (serving speed needs no training)."""
+    from cxr.fit import settings_for
     from cxr.models import build_model
 
-    settings = {**params["models"][arch]}
+    settings = settings_for(arch, params)[1]  # the builder's, train's lung focus included
     if "weights" in settings:
         settings["weights"] = "none"
     classes = params["data"]["classes"]

@@ -1,6 +1,6 @@
 """The hyper-parameter search on real radiographs: speed, what it finds, what pruning saves.
 
-    python benchmarks/tune_benchmark.py [--archive real-dev]
+    python benchmarks/tune_benchmark.py --archive real-dev
         [--model cnn4_bn] [--profile real_cpu] [--trials 20] [--epochs 15]
         [--pruners median none] [--workdir DIR]
 

@@ -44,7 +44,12 @@ def test_model_overrides_win_for_that_model_only():
         },
         "models": {
             "resnet50v2": {"weights": "none", "epochs": 12, "augment": {"zoom": 0.0}},
-            "cnn": {"filters": [8]},
+            "cnn": {"filters": [8], "epochs": None, "lung_focus": None, "augment": None},
+            "cnn4_bn": {
+                "filters": [8],
+                "lung_focus_margin": 0.05,
+                "augment": {"zoom": None, "shift": 0.2},
+            },
         },
     }
     focus = {"lung_focus": "template", "lung_focus_margin": -0.02}
@@ -52,9 +57,12 @@ def test_model_overrides_win_for_that_model_only():
     assert cfg["epochs"] == 12 and builder == {"weights": "none", **focus}
     assert not set(focus) & set(cfg)  # builder settings, logged once
     assert cfg["augment"] == {"zoom": 0.0, "shift": 0.05}  # the model's keys, train's others
-    cfg, builder = settings_for("cnn", params)
+    cfg, builder = settings_for("cnn", params)  # null: train's
     assert cfg["epochs"] == 30 and builder == {"filters": [8], **focus}
     assert cfg["augment"] == {"zoom": 0.1, "shift": 0.05}
+    cfg, builder = settings_for("cnn4_bn", params)  # a null key among the model's own
+    assert builder == {"filters": [8], "lung_focus": "template", "lung_focus_margin": 0.05}
+    assert cfg["augment"] == {"zoom": 0.1, "shift": 0.2}
 
 
 def test_batches_hold_the_pixels_in_order_or_shuffled_by_their_seed():

@@ -21,6 +21,10 @@ def test_the_databases_own_folders_map_one_to_one_to_the_classes():
     space) each name a class, and back."""
     folders = [f.name for f in (REAL_SAMPLE / DATASET_DIR).iterdir() if f.is_dir()]
     assert folders and all(LABEL_TO_FOLDER[FOLDER_TO_LABEL[f]] == f for f in folders)
+
+
+def test_each_kaggle_folder_is_one_class_and_each_class_one_folder():
+    assert len(set(FOLDER_TO_LABEL.values())) == len(FOLDER_TO_LABEL) == len(LABELS)
     assert all(FOLDER_TO_LABEL[LABEL_TO_FOLDER[label]] == label for label in LABELS)
 
 
@@ -209,6 +213,11 @@ def test_predict_defaults_to_the_champion_of_the_registered_model_name(
         ("models.cnn.filters", [32, 0], "models.cnn.filters is [32, 0]; expected a non-empty"),
         ("models.vgg16.dense_units", "big", "models.vgg16.dense_units is 'big'; expected a"),
         ("models.cnn4_bn.bn_momentum", 2, "models.cnn4_bn.bn_momentum is 2; expected a number"),
+        # the wrong kind gets the same line: what it accepts and its help
+        ("prepare.image_size", True, "prepare.image_size is True; expected a whole number >= 16"),
+        ("train.epochs", "ten", "train.epochs is 'ten'; expected a whole number >= 1: the most"),
+        ("prepare.balance_target", True, "balance_target is True; expected text or a whole"),
+        ("models.cnn.augment", [1], "models.cnn.augment is [1]; expected a mapping of some of"),
     ],
 )
 def test_out_of_range_params_fail_before_any_work_naming_key_value_and_range(

@@ -191,6 +191,12 @@ def test_top_up_adds_only_new_films(tmp_path):
     assert report["per_class"]["pneumonia"]["after_balancing"] == 4 + len(added)
     # The topped-up set has no film twice: re-encoded copies of database films were dropped.
     assert len(added) <= 16 - 4 + 1
+    # balance none keeps everything: the top-up's new films too
+    cfg = {**CFG, "balance": "none"}
+    report = prepare(root, [], list(LABELS), cfg, tmp_path / "all", topup="viral")
+    _, rows, _ = load_prepared(tmp_path / "all")
+    assert [r for r in rows if r["origin"] == "topup"] and report["balance"]["strategy"] == "none"
+    assert sum(r["label"] == "covid" for r in rows) == 16
 
 
 def test_no_group_straddles_splits_with_many_near_duplicates(tmp_path):

@@ -27,6 +27,15 @@ def test_a_subset_keeps_the_layout_and_masks_and_refuses_what_it_cannot_draw(tmp
     assert again == counts and sorted(p.name for p in (tmp_path / "again").rglob("*.png")) == (
         sorted(p.name for p in (tmp_path / "sub").rglob("*.png"))
     )  # the same seed, the same films
+    (tmp_path / "db" / DATASET_DIR / "COVID.metadata.xlsx").write_bytes(b"sheet")
+    zf = zipfile.ZipFile(archive, "a")
+    zf.write(
+        tmp_path / "db" / DATASET_DIR / "COVID.metadata.xlsx", f"{DATASET_DIR}/COVID.metadata.xlsx"
+    )
+    zf.close()
+    subset(archive, tmp_path / "bare", 2, ["covid"], seed=0, masks=False)
+    assert not list((tmp_path / "bare").rglob("masks"))
+    assert (tmp_path / "bare" / DATASET_DIR / "COVID.metadata.xlsx").read_bytes() == b"sheet"
     with pytest.raises(SystemExit, match="exists; name a new folder"):
         subset(archive, tmp_path / "sub", 4, ["covid"], seed=0)
     with pytest.raises(SystemExit, match="6 images of covid, fewer than --per-class 7"):

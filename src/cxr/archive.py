@@ -178,8 +178,7 @@ def unpack_into(source: Path, out: Path, name: str, what: str) -> dict[str, Any]
         _refuse_links(root, f"{what} {source}")
         shutil.copytree(root, out / name, symlinks=False)
     if name == DATASET_DIR:
-        found = layout.survey(out / name)
-        info["files"], info["masks"] = found.counts(), found.masks  # masks apart: not images
+        info.update(layout.survey(out / name).facts())
     else:
         info["files"] = count_images(out / name)
     return info

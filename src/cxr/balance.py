@@ -44,6 +44,7 @@ def balance(
     }
     # A top-up film that is a near duplicate of one already in the pool adds nothing.
     pooled_groups = {group[i] for label in classes for i in pool[label]}
+    topped = any(items[i].origin == "topup" for i in kept)  # data.topup is set
     topup = [i for i in kept if items[i].origin == "topup" and group[i] not in pooled_groups]
     counts = {label: len(pool[label]) for label in classes}
     strategy, target_cfg = cfg["balance"], cfg["balance_target"]
@@ -61,7 +62,7 @@ def balance(
             chosen += _take_groups(pool[label], group, target, rng)
             continue
         have = list(pool[label])
-        if topup and label == TOPUP_LABEL:  # data.topup: fill it from the paediatric set
+        if topped and label == TOPUP_LABEL:  # data.topup: fill it from the paediatric set
             added = _take_groups(topup, group, target - len(have), rng)
             have += added
             notes.append(
@@ -73,7 +74,11 @@ def balance(
         if len(have) < target:
             notes.append(
                 f"{label}: {len(have)} images, below the target {target}; "
-                + ("no top-up set can add more. " if topup else "undersampling cannot add images. ")
+                + (
+                    "no top-up set can add more. "
+                    if topped
+                    else "undersampling cannot add images. "
+                )
                 + "Kept all of them; the shortfall is left to training (class weights or "
                 "oversampling inside the training split)."
             )

@@ -55,12 +55,10 @@ def profile_command(
     overrides = dict(params[name])
     if archive is not None:
         overrides.update({"data.source": "archive", "data.archive": str(archive.resolve())})
-    return checked_exp_run_command(params, overrides, params_path)
+    return checked_exp_run_command(params, overrides)
 
 
-def checked_exp_run_command(
-    params: dict, overrides: dict, params_path: Path = Path("params.yaml")
-) -> list[str]:
+def checked_exp_run_command(params: dict, overrides: dict) -> list[str]:
     """exp_run_command(overrides), after checking params with the overrides applied (every
     model's settings against its builder included): a bad value fails before DVC starts."""
     effective = check_params(with_overrides(params, overrides))

@@ -84,8 +84,7 @@ def download(
                     tmp / TOPUP_DIR, cfg["per_class"], cfg["image_size"], cfg["seed"]
                 )
             info["synthetic"] = cfg
-            found = layout.survey(tmp / DATASET_DIR)  # what prepare reads
-            info["files"], info["masks"] = found.counts(), found.masks  # masks apart
+            info.update(layout.survey(tmp / DATASET_DIR).facts())  # what prepare reads
         elif source == "archive":
             info.update(unpack_into(Path(data["archive"]), tmp, DATASET_DIR, "data.archive"))
         else:

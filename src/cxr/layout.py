@@ -50,6 +50,10 @@ class Survey:
         """Images per class folder (its name on disk), as download.json reports them."""
         return {self.folders[label].name: len(files) for label, files in self.images.items()}
 
+    def facts(self) -> dict[str, dict[str, int]]:
+        """download.json's counts: images per class folder, and its lung masks apart."""
+        return {"files": self.counts(), "masks": self.masks}
+
 
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())

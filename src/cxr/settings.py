@@ -254,7 +254,7 @@ MODEL_SETTINGS: dict[str, Setting] = {
     "epochs": _s((int, NONE), None, "this model's own; null: train's"),
     "batch_size": _s((int, NONE), None, "this model's own; null: train's"),
     "schedule": _s((str, NONE), None, "this model's own; null: train's"),
-    "augment": _s(dict, None, "train.augment's keys, this model's own; null: train's"),
+    "augment": _s((dict, NONE), None, "train.augment's keys, this model's own; null: train's"),
 }
 
 
