@@ -188,6 +188,23 @@ def test_run_record_is_checked_against_the_current_store(repro, monkeypatch, tmp
     assert find_recorded_run(record) is None
 
 
+def test_editing_a_settings_help_or_range_reruns_no_stage(repro):
+    """The settings table only says what is accepted: a new help line (or a wider range)
+    leaves every stage up to date (`dvc status`), while params.py, read by every stage, would
+    not."""
+    table = repro["repo"] / "src" / "cxr" / "settings.py"
+    before = table.read_text()
+    edited = before.replace('"images per batch"', '"images in each batch"', 1)
+    wider = 'number(0, 2, open_low=True), "Adam'  # train.learning_rate's range
+    edited = edited.replace('number(0, 1, open_low=True), "Adam', wider)
+    assert edited.count("images in each batch") == 1 and "number(0, 2, open_low" in edited
+    table.write_text(edited)
+    try:
+        assert json.loads(run(["dvc", "status", "--json"], repro["repo"]).stdout) == {}
+    finally:
+        table.write_text(before)
+
+
 def test_train_param_change_reruns_only_training(repro):
     repo = repro["repo"]
     set_params(repo, {"train.epochs": TINY["train.epochs"] + 1})
