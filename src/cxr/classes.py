@@ -17,7 +17,7 @@ FOLDER_TO_LABEL: dict[str, str] = {
 LABELS: tuple[str, ...] = tuple(FOLDER_TO_LABEL.values())
 LABEL_TO_FOLDER: dict[str, str] = {label: folder for folder, label in FOLDER_TO_LABEL.items()}
 DATASET_DIR = "COVID-19_Radiography_Dataset"
-# The class that data.topup fills from the paediatric pneumonia films (data.topup).
+# The class that data.topup fills from the paediatric pneumonia films.
 TOPUP_LABEL = FOLDER_TO_LABEL["Viral Pneumonia"]
 # Images per class in the Kaggle database (21,165 in all); benchmarks write phantoms this way.
 DATABASE_COUNTS: dict[str, int] = {

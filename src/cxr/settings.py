@@ -281,21 +281,17 @@ def has_kind(value: Any, kind: Any) -> bool:
     return False
 
 
-def refusal(where: str, value: Any, setting: Setting | None = None) -> ParamsError:
-    """The one-line message refusing `value` of `where` (a dotted key; its setting, SETTINGS'
-    unless given): the key, the value, what it accepts and its help."""
-    setting = setting or SETTINGS[where]
+def check(where: str, value: Any, setting: Setting) -> None:
+    """Refuse `value` of `where` (a dotted key) in one line when it has not the setting's kind
+    or its rule refuses it: the key, the value, what it accepts (the new spelling of an old
+    one) and its help."""
+    if has_kind(value, setting.kind) and (setting.allowed is None or setting.allowed.ok(value)):
+        return
     new = (setting.renamed or {}).get(str(value).lower())
     hint = f" (write {new} for {value!r})" if new else ""
-    return ParamsError(
+    raise ParamsError(
         f"params.yaml: {where} is {value!r}; expected {setting.accepts}{hint}: {setting.help}."
     )
-
-
-def check(where: str, value: Any, setting: Setting) -> None:
-    """Refuse `value` of `where` in one line (refusal) when the setting does not allow it."""
-    if not has_kind(value, setting.kind) or (setting.allowed and not setting.allowed.ok(value)):
-        raise refusal(where, value, setting)
 
 
 def _cell(value: Any) -> str:
